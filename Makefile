@@ -1,0 +1,50 @@
+# `make test` and `make demo` set everything up on a fresh Linux machine (CPython 3.11).
+# The virtual environment lives in .venv/; it is (re)installed only when requirements.lock or
+# pyproject.toml change, so a second `make test` goes straight to the tests.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+PIP := $(PY) -m pip
+
+.PHONY: setup test demo lint format lock clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade "pip>=24"
+	$(PIP) install --progress-bar off -r requirements.lock
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	$(PIP) check
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m mmdit.demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# Re-resolve the newest versions allowed by pyproject.toml and rewrite the lock. torch stays at
+# the locked version (bump it by hand together with its matching torchvision).
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet "$$(grep '^torch===' requirements.lock)" -e '.[test]'
+	{ head -4 requirements.lock; .venv-lock/bin/pip freeze --all --exclude-editable \
+	  | grep -v '^pip==' | sed -E 's/^(torch|torchvision)==/\1===/'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock && rm -rf .venv-lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""WebDataset shards in; decoded, aspect-bucketed batches and precomputed caches out."""

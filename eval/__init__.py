@@ -1,0 +1,1 @@
+"""Sampling, FID, CLIP score, validation loss and scaling curves from checkpoints."""

@@ -1,0 +1,1 @@
+"""Slurm launching: submitit submission, sbatch templates, preemption-safe requeue."""

@@ -1,0 +1,1 @@
+"""DeepSpeed ZeRO-3 rectified-flow trainer for MMDiT models."""
