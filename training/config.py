@@ -1,0 +1,105 @@
+"""The run file's schema: `RunConfig` = model + data + train + eval + launch sections.
+
+The section dataclasses live with the package that owns them (`mmdit.MMDiTConfig`,
+`data_pipeline.config.DataConfig`, `eval.config.EvalConfig`); `TrainConfig` and `LaunchConfig`
+live here because the trainer honours both (the launch section describes the training job's
+process layout and preemption policy; `slurm` turns it into a Slurm request). The DeepSpeed JSON
+is derived from this tree, never written by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from data_pipeline.config import DataConfig
+from eval.config import EvalConfig
+from mmdit.model import MMDiTConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = "runs/debug"
+    seed: int = 0
+    max_steps: int = 1000
+    # Global batch = micro_batch_size x gradient accumulation x world size; 0 means no
+    # accumulation. Kept fixed when a run resumes on a different world size.
+    micro_batch_size: int = 4
+    global_batch_size: int = 0
+    precision: Literal["bf16", "fp32"] = "bf16"
+    activation_checkpointing: bool = False
+    # AdamW; no weight decay on norms, biases, embeddings and position tables.
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_steps: int = 1000
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0
+    # Rectified-flow objective (SD3: logit-normal m=0, s=1, unweighted).
+    sigma_density: Literal["logit_normal", "uniform", "mode"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    loss_weighting: Literal["none", "cosmap"] = "none"
+    # Per-encoder text dropout for classifier-free guidance (all three together ~10%).
+    text_dropout: float = 0.463
+    ema_decay: float = 0.9999
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    max_consecutive_skips: int = 10  # non-finite loss/grad steps in a row before aborting
+
+    def __post_init__(self):
+        if self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size={self.micro_batch_size} must be >= 1")
+        if self.global_batch_size and self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} must be a multiple of "
+                f"micro_batch_size={self.micro_batch_size}"
+            )
+        if self.keep_checkpoints < 2:
+            raise ValueError(
+                f"keep_checkpoints={self.keep_checkpoints} must be >= 2 so a damaged newest "
+                "checkpoint always has a predecessor"
+            )
+        if not 0.0 <= self.text_dropout <= 1.0:
+            raise ValueError(f"text_dropout={self.text_dropout} must be in [0, 1]")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1)")
+        if self.lr <= 0 or self.max_steps < 0 or self.warmup_steps < 0:
+            raise ValueError("lr must be > 0; max_steps and warmup_steps must be >= 0")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    nodes: int = 1
+    gpus_per_node: int = 1
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    time: str = "72:00:00"
+    constraint: str = ""
+    mem: str = ""
+    cpus_per_task: int = 8
+    exclusive: bool = False
+    # Slurm sends USR2 this many seconds before the time limit; the job checkpoints on all
+    # ranks at the next step boundary and requeues itself, at most max_requeues times.
+    signal_lead_s: int = 180
+    max_requeues: int = 20
+
+    def __post_init__(self):
+        if self.nodes < 1 or self.gpus_per_node < 1 or self.cpus_per_task < 1:
+            raise ValueError("nodes, gpus_per_node and cpus_per_task must be >= 1")
+        if self.signal_lead_s < 0 or self.max_requeues < 0:
+            raise ValueError("signal_lead_s and max_requeues must be >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: MMDiTConfig = field(default_factory=lambda: MMDiTConfig.preset("d2"))
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
