@@ -42,3 +42,24 @@ def inputs(cfg: MMDiTConfig, batch=2, h=8, w=12, text=7, seed=1):
         torch.randn(batch, text, cfg.context_dim, generator=g),
         torch.randn(batch, cfg.pooled_dim, generator=g),
     )
+
+
+def tiny_diffusers_transformer(num_layers: int = 1):
+    """A tiny diffusers SD3Transformer2DModel with SD3's conditioning widths (4096 / 2048), for
+    loading StableDiffusion3Pipeline from a tiny component directory."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=4096,
+        caption_projection_dim=16,
+        pooled_projection_dim=2048,
+        pos_embed_max_size=16,
+    )
