@@ -86,7 +86,7 @@ def test_run_file_overrides_only_what_differs():
 
 def test_resolved_config_contains_every_field():
     text = dumps_yaml(RunConfig())
-    for section in ("model", "data", "train", "eval", "launch"):
+    for section in ("model", "conditioning", "data", "train", "eval", "launch"):
         assert f"{section}:" in text
     assert set(to_dict(RunConfig())["train"]) == {
         f.name for f in dataclasses.fields(RunConfig().train)

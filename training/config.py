@@ -1,10 +1,11 @@
-"""The run file's schema: `RunConfig` = model + data + train + eval + launch sections.
+"""The run file's schema: `RunConfig` = model + conditioning + data + train + eval + launch.
 
 The section dataclasses live with the package that owns them (`mmdit.MMDiTConfig`,
-`data_pipeline.config.DataConfig`, `eval.config.EvalConfig`); `TrainConfig` and `LaunchConfig`
-live here because the trainer honours both (the launch section describes the training job's
-process layout and preemption policy; `slurm` turns it into a Slurm request). The DeepSpeed JSON
-is derived from this tree, never written by hand.
+`mmdit.conditioning.ConditioningConfig`, `data_pipeline.config.DataConfig`,
+`eval.config.EvalConfig`); `TrainConfig` and `LaunchConfig` live here because the trainer
+honours both (the launch section describes the training job's process layout and preemption
+policy; `slurm` turns it into a Slurm request). The DeepSpeed JSON is derived from this tree,
+never written by hand.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Literal
 
 from data_pipeline.config import DataConfig
 from eval.config import EvalConfig
+from mmdit.conditioning.config import ConditioningConfig
 from mmdit.model import MMDiTConfig
 
 
@@ -99,6 +101,7 @@ class LaunchConfig:
 @dataclass(frozen=True)
 class RunConfig:
     model: MMDiTConfig = field(default_factory=lambda: MMDiTConfig.preset("d2"))
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

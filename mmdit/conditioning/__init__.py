@@ -1,0 +1,25 @@
+"""SD3's frozen conditioning: CLIP-L, OpenCLIP bigG and T5-XXL text encoders and the 16-channel
+VAE, loaded offline from a diffusers-layout directory (transformers/diffusers import lazily)."""
+
+from mmdit.conditioning.components import (
+    ComponentError,
+    StaleEmbeddingsError,
+    check_identity,
+    identity_hash,
+)
+from mmdit.conditioning.config import ConditioningConfig
+from mmdit.conditioning.text import DEFAULT_DROPOUT, TextEmbeddings, TextEncoders, draw_dropout
+from mmdit.conditioning.vae import VAE
+
+__all__ = [
+    "DEFAULT_DROPOUT",
+    "VAE",
+    "ComponentError",
+    "ConditioningConfig",
+    "StaleEmbeddingsError",
+    "TextEmbeddings",
+    "TextEncoders",
+    "check_identity",
+    "draw_dropout",
+    "identity_hash",
+]
