@@ -25,11 +25,14 @@ $(STAMP): requirements.lock pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Until the end-to-end pretraining job exists, the demo is the largest real slice: our MMDiT
-# against diffusers' SD3Transformer2DModel, same weights, parity checked, then timed.
+# Until the end-to-end pretraining job exists, the demo is the largest real slice: tiny SD3
+# components written and loaded through the real loaders, prompts and images encoded, and our
+# MMDiT timed against diffusers' SD3Transformer2DModel (same weights, parity checked).
 demo: $(STAMP)
+	$(VENV)/bin/mmdit-make-tiny-components --out runs/demo/components --force
+	$(PY) bench/conditioning.py --components runs/demo/components --out runs/demo/conditioning_cpu.json
 	$(PY) bench/model.py --out runs/demo/model_cpu.json
-	@echo "demo: benchmark written to runs/demo/model_cpu.json"
+	@echo "demo: components in runs/demo/components; benchmarks in runs/demo/*.json"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
