@@ -5,6 +5,7 @@ from mmdit.conditioning.components import (
     ComponentError,
     StaleEmbeddingsError,
     check_identity,
+    conditioning_identity,
     identity_hash,
 )
 from mmdit.conditioning.config import ConditioningConfig
@@ -20,6 +21,7 @@ __all__ = [
     "TextEmbeddings",
     "TextEncoders",
     "check_identity",
+    "conditioning_identity",
     "draw_dropout",
     "identity_hash",
 ]

@@ -130,3 +130,22 @@ def load_pretrained(name: str, path: Path, loader, **kwargs):
             f"({type(e).__name__}: {reason}); files: {', '.join(weights)}. If a weights file "
             "is truncated or corrupt, copy it again from the source repository"
         ) from e
+
+
+def conditioning_identity(
+    root: str | os.PathLike | None,
+    paths: Mapping[str, Any],
+    *,
+    use_t5: bool,
+    t5_max_length: int,
+) -> dict[str, Any]:
+    """What a precompute cache depends on, from the files alone (no weights loaded): every
+    component's identity plus the settings. Precompute records it; the loader compares."""
+    names = ["tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "vae"]
+    if use_t5:
+        names += ["tokenizer_3", "text_encoder_3"]
+    return {
+        "components": {n: identity(n, resolve(n, root, paths)).as_dict() for n in sorted(names)},
+        "t5": use_t5,
+        "t5_max_length": t5_max_length,
+    }

@@ -1,0 +1,406 @@
+"""The training loader: shards -> aspect-bucketed batches, resumable to the exact next sample.
+
+Layout. Every rank runs `num_workers` DataLoader workers; rank r's worker w owns the *slot*
+r * num_workers + w. Each epoch, the shard list is shuffled with a seed from (seed, epoch),
+identically on all ranks, and slot s takes shards s, s + S, s + 2S, ... (S = world_size x
+num_workers), so no sample is seen twice in an epoch and all slots together read the whole
+epoch. With `resample`, each slot instead draws its shards with replacement (an infinite
+stream; a "pseudo-epoch" is len(shards) / S draws).
+
+Each slot's stream is infinite (epoch after epoch) and deterministic: samples pass a shuffle
+buffer (seeded per slot), are decoded and cropped (random crops seeded by the sample's epoch,
+shard and index), and wait in per-bucket queues until a bucket has a full batch. Because no
+worker ever runs dry, torch's DataLoader hands out batches in strict worker round-robin.
+
+Exact resume. Every batch carries its worker's state right after that batch: epoch, shard and
+sample cursor, the shuffle buffer and bucket queues as sample *references* (epoch, shard,
+index), the RNG state and the bad-sample counts. The loader keeps the state of each worker's
+last *consumed* batch (prefetched batches do not count) and the number of batches consumed.
+A new loader given that state re-reads the referenced samples, fast-forwards each shard cursor
+without decoding, and rotates worker ids so the worker whose turn was next goes first: the
+batches that follow are exactly those an uninterrupted loader would have produced. Resuming
+needs the same world size and worker count (the slots depend on both).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.bad_samples import REASONS, BadSample, BadSampleCounter
+from data_pipeline.buckets import buckets_for, decode_to_bucket
+from data_pipeline.cache_format import CacheInfo, decode_tensors
+from data_pipeline.config import DataConfig
+from data_pipeline.images import image_to_tensor
+from data_pipeline.tar_samples import expand_shards, iter_samples, parse_sample
+
+STATE_FORMAT = 1
+Ref = tuple[int, str, int]  # (epoch, shard url, index of the sample in the shard)
+
+
+@dataclass
+class StreamState:
+    """Where one slot's stream is, as plain data (JSON-serialisable)."""
+
+    epoch: int = 0
+    shard_pos: int = 0  # index into this slot's shard list for `epoch`
+    sample_pos: int = 0  # samples of that shard already taken into the buffer
+    shard_bad_events: int = 0  # bad events of that shard already counted (no double count)
+    buffer: list[Ref] = field(default_factory=list)
+    pending: dict[str, list[Ref]] = field(default_factory=dict)  # "HxW" -> refs
+    rng: list[Any] | None = None  # random.Random state
+    bad: dict[str, int] = field(default_factory=dict)
+    batches: int = 0
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StreamState:
+        state = cls(**data)
+        state.buffer = [tuple(r) for r in state.buffer]
+        state.pending = {b: [tuple(r) for r in refs] for b, refs in state.pending.items()}
+        return state
+
+
+def _rng_state_to_data(state: tuple) -> list[Any]:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _rng_state_from_data(data: Sequence[Any]) -> tuple:
+    return (data[0], tuple(data[1]), data[2])
+
+
+def slot_shards(
+    shards: Sequence[str], *, epoch: int, slot: int, num_slots: int, seed: int, resample: bool
+) -> list[str]:
+    """The shards slot `slot` reads in `epoch` (same answer on every rank and worker)."""
+    if resample:
+        rng = random.Random(f"resample:{seed}:{epoch}:{slot}")
+        return [rng.choice(shards) for _ in range(max(1, len(shards) // num_slots))]
+    order = list(shards)
+    random.Random(f"shards:{seed}:{epoch}").shuffle(order)
+    return order[slot::num_slots]
+
+
+def _fetch(refs: Sequence[Ref]) -> dict[Ref, dict]:
+    """Re-read referenced samples (restoring a saved buffer): one pass per shard."""
+    wanted: dict[str, set[int]] = defaultdict(set)
+    for _, url, index in refs:
+        wanted[url].add(index)
+    found: dict[tuple[str, int], dict] = {}
+    for url, indices in wanted.items():
+        last = max(indices)
+        for index, sample in enumerate(iter_samples(url)):
+            if index in indices:
+                found[(url, index)] = sample
+            if index >= last:
+                break
+    missing = [r for r in refs if (r[1], r[2]) not in found]
+    if missing:
+        raise RuntimeError(
+            f"cannot resume the data stream: {len(missing)} saved samples are no longer in "
+            f"their shards (first: {missing[0][1]} #{missing[0][2]}); the shards changed "
+            "since the checkpoint"
+        )
+    return {r: found[(r[1], r[2])] for r in refs}
+
+
+class BucketedShardStream(IterableDataset):
+    """One rank's infinite stream of bucketed batches (images or cached latents)."""
+
+    def __init__(
+        self,
+        config: DataConfig,
+        *,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        batch_size: int,
+        mode: Literal["images", "latents"],
+    ):
+        super().__init__()
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = max(1, num_workers)
+        self.batch_size = batch_size
+        self.mode = mode
+        spec = config.cache_shards if mode == "latents" else config.shards
+        self.shards = expand_shards(spec)
+        self.num_slots = world_size * self.num_workers
+        if not config.resample and len(self.shards) < self.num_slots:
+            raise ValueError(
+                f"{len(self.shards)} shards for {self.num_slots} readers (world_size "
+                f"{world_size} x num_workers {self.num_workers}): every reader needs at least "
+                "one shard per epoch; reshard into more files, lower data.num_workers, or set "
+                "data.resample=true"
+            )
+        self.buckets = buckets_for(config) if mode == "images" else None
+        self.resume: dict[int, StreamState] = {}  # logical worker -> state to continue from
+        self.rotation = 0  # DataLoader worker w serves logical worker (w + rotation) % W
+
+    # -- per-sample work ----------------------------------------------------------------------
+
+    def _item(self, ref: Ref, sample: dict) -> dict:
+        """A raw sample -> one batch item; raises BadSample to skip it."""
+        epoch, url, index = ref
+        if self.mode == "latents":
+            key = sample["__key__"]
+            try:
+                info = json.loads(sample["json"])
+                tensors = decode_tensors(sample["safetensors"])
+            except KeyError as e:
+                raise BadSample("corrupt_image", f"{key}: cache sample has no {e} member") from None
+            except Exception as e:  # a damaged member must not stop the run
+                raise BadSample("corrupt_image", f"{key}: unreadable cache sample: {e}") from None
+            return {
+                **tensors,
+                "key": key,
+                "caption": info.get("caption", ""),
+                "bucket": tuple(info["bucket"]),
+                "crop_top_left": tuple(info["crop_top_left"]),
+                "original_size": tuple(info["original_size"]),
+            }
+        meta = parse_sample(
+            sample, caption=self.config.caption, empty_caption=self.config.empty_caption
+        )
+        crop_rng = random.Random(f"crop:{self.config.seed}:{epoch}:{url}:{index}")
+        image, bucket, top_left, original = decode_to_bucket(
+            meta["image_bytes"],
+            self.buckets,
+            self.config.crop,
+            crop_rng,
+            min_side=self.config.bucket_multiple,
+            key=meta["key"],
+        )
+        return {
+            "image": image_to_tensor(image),
+            "key": meta["key"],
+            "caption": meta["caption"],
+            "bucket": bucket,
+            "crop_top_left": top_left,
+            "original_size": original,
+        }
+
+    def _collate(self, items: list[dict], epochs: list[int]) -> dict:
+        batch: dict[str, Any] = {
+            "keys": [it["key"] for it in items],
+            "captions": [it["caption"] for it in items],
+            "epochs": epochs,
+            "bucket": items[0]["bucket"],
+            "crop_top_left": torch.tensor([it["crop_top_left"] for it in items]),
+            "original_size": torch.tensor([it["original_size"] for it in items]),
+        }
+        names = ("image",) if self.mode == "images" else ("mean", "logvar", "context", "pooled")
+        for name in names:
+            batch["images" if name == "image" else name] = torch.stack([it[name] for it in items])
+        return batch
+
+    # -- the stream ---------------------------------------------------------------------------
+
+    def _raw(self, slot: int, state: StreamState, counter: BadSampleCounter) -> Iterator:
+        """(ref, sample) in shard order from the saved cursor on; None marks an epoch end."""
+        while True:
+            shards = slot_shards(
+                self.shards,
+                epoch=state.epoch,
+                slot=slot,
+                num_slots=self.num_slots,
+                seed=self.config.seed,
+                resample=self.config.resample,
+            )
+            while state.shard_pos < len(shards):
+                url = shards[state.shard_pos]
+                events = 0
+
+                def on_bad(reason, _url, _key, _detail):
+                    nonlocal events
+                    events += 1
+                    if events > state.shard_bad_events:  # not counted before a resume
+                        counter.add_bad(reason)
+                        state.shard_bad_events = events
+
+                for index, sample in enumerate(iter_samples(url, on_bad=on_bad)):
+                    if index < state.sample_pos:
+                        continue  # taken before the resume; skipped without decoding
+                    state.sample_pos = index + 1
+                    yield (state.epoch, url, index), sample
+                state.shard_pos += 1
+                state.sample_pos = state.shard_bad_events = 0
+            yield None
+            state.epoch += 1
+            state.shard_pos = 0
+
+    def _worker_stream(self, logical: int) -> Iterator[dict]:
+        slot = self.rank * self.num_workers + logical
+        state = self.resume.get(logical) or StreamState()
+        counter = BadSampleCounter(self.config.max_bad_fraction)
+        counter.merge(state.bad)
+        rng = random.Random(f"buffer:{self.config.seed}:{slot}")
+        if state.rng is not None:
+            rng.setstate(_rng_state_from_data(state.rng))
+        restored = _fetch(state.buffer + [r for refs in state.pending.values() for r in refs])
+        buffer: list[tuple[Ref, dict]] = [(r, restored[r]) for r in state.buffer]
+        pending: dict[tuple, list[tuple[Ref, dict]]] = defaultdict(list)
+        for refs in state.pending.values():
+            for ref in refs:
+                item = self._item(ref, restored[ref])
+                pending[item["bucket"]].append((ref, item))
+
+        def snapshot() -> dict:
+            state.buffer = [ref for ref, _ in buffer]
+            state.pending = {
+                f"{b[0]}x{b[1]}": [ref for ref, _ in entries]
+                for b, entries in pending.items()
+                if entries
+            }
+            state.rng = _rng_state_to_data(rng.getstate())
+            state.bad = counter.as_dict()
+            return asdict(state)
+
+        def emit(ref: Ref, sample: dict) -> Iterator[dict]:
+            try:
+                item = self._item(ref, sample)
+            except BadSample as e:
+                counter.add_bad(e.reason)
+                counter.check()
+                return
+            counter.add_good()
+            queue = pending[item["bucket"]]
+            queue.append((ref, item))
+            if len(queue) == self.batch_size:
+                entries = list(queue)
+                queue.clear()
+                batch = self._collate([it for _, it in entries], [r[0] for r, _ in entries])
+                state.batches += 1
+                batch["_loader"] = {"worker": logical, "state": snapshot()}
+                yield batch
+
+        size = max(1, self.config.shuffle_buffer)
+        for entry in self._raw(slot, state, counter):
+            if entry is None:  # epoch end: drain the buffer in random order
+                while buffer:
+                    yield from emit(*buffer.pop(rng.randrange(len(buffer))))
+                continue
+            buffer.append(entry)
+            if len(buffer) >= size:
+                yield from emit(*buffer.pop(rng.randrange(len(buffer))))
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        return self._worker_stream((worker + self.rotation) % self.num_workers)
+
+
+class ResumableLoader:
+    """Iterates batches from a BucketedShardStream; `state_dict()` marks the exact position."""
+
+    def __init__(self, stream: BucketedShardStream, num_workers: int, pin_memory: bool = False):
+        self.stream = stream
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.cache_info: CacheInfo | None = None
+        self._states: dict[int, dict] = {}
+        self._consumed = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        # Every new iteration continues from the last consumed batch, never from the start.
+        self.stream.resume = {w: StreamState.from_dict(s) for w, s in self._states.items()}
+        self.stream.rotation = self._consumed % self.stream.num_workers
+        loader = DataLoader(
+            self.stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+        )
+        for batch in loader:
+            meta = batch.pop("_loader")
+            self._states[meta["worker"]] = meta["state"]
+            self._consumed += 1
+            yield batch
+
+    def bad_counts(self) -> dict[str, int]:
+        """This rank's counts (good and per reason) over the consumed batches' workers."""
+        total = BadSampleCounter()
+        for state in self._states.values():
+            total.merge(state["bad"])
+        return total.as_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "rank": self.stream.rank,
+            "world_size": self.stream.world_size,
+            "num_workers": self.stream.num_workers,
+            "batch_size": self.stream.batch_size,
+            "consumed": self._consumed,
+            "workers": {str(w): s for w, s in self._states.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        expected = {
+            "format": STATE_FORMAT,
+            "rank": self.stream.rank,
+            "world_size": self.stream.world_size,
+            "num_workers": self.stream.num_workers,
+            "batch_size": self.stream.batch_size,
+        }
+        differing = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+        if differing:
+            details = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in differing.items())
+            raise ValueError(
+                f"cannot resume the data stream exactly ({details}); resume with the same "
+                "world size, data.num_workers and micro batch size"
+            )
+        self._states = {int(w): dict(s) for w, s in state["workers"].items()}
+        self._consumed = int(state["consumed"])
+
+
+def build_loader(
+    config: DataConfig,
+    rank: int,
+    world_size: int,
+    *,
+    batch_size: int,
+    expected_identity: Mapping[str, Any] | None = None,
+    pin_memory: bool = False,
+) -> ResumableLoader:
+    """Images from `config.shards`, or cached latents when `config.cache_shards` is set.
+
+    For a cache, `expected_identity` (mmdit.conditioning.conditioning_identity of the run's
+    conditioning section) must match the cache's; a cache made with other encoders is refused.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    mode: Literal["images", "latents"] = "latents" if config.cache_shards else "images"
+    if mode == "images" and not config.shards:
+        raise ValueError("data.shards is empty: set it to a shard pattern, directory or list")
+    stream = BucketedShardStream(
+        config,
+        rank=rank,
+        world_size=world_size,
+        num_workers=config.num_workers,
+        batch_size=batch_size,
+        mode=mode,
+    )
+    loader = ResumableLoader(stream, config.num_workers, pin_memory=pin_memory)
+    if mode == "latents":
+        from mmdit.conditioning import check_identity
+
+        cache_dir = Path(stream.shards[0]).parent
+        loader.cache_info = CacheInfo.load(cache_dir)
+        if expected_identity is not None:
+            check_identity(loader.cache_info.identity, expected_identity, f"cache {cache_dir}")
+    return loader
+
+
+__all__ = ["REASONS", "BucketedShardStream", "ResumableLoader", "StreamState", "build_loader"]
