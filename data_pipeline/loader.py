@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import json
 import random
+from array import array
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,12 +70,14 @@ class StreamState:
 
 
 def _rng_state_to_data(state: tuple) -> list[Any]:
+    # The 625-word Mersenne Twister state as one hex string: compact in checkpoints, and cheap
+    # for the DataLoader to pass along with every batch (a list of 625 ints is walked per batch).
     version, internal, gauss = state
-    return [version, list(internal), gauss]
+    return [version, array("Q", internal).tobytes().hex(), gauss]
 
 
 def _rng_state_from_data(data: Sequence[Any]) -> tuple:
-    return (data[0], tuple(data[1]), data[2])
+    return (data[0], tuple(array("Q", bytes.fromhex(data[1]))), data[2])
 
 
 def slot_shards(
@@ -262,7 +265,8 @@ class BucketedShardStream(IterableDataset):
             }
             state.rng = _rng_state_to_data(rng.getstate())
             state.bad = counter.as_dict()
-            return asdict(state)
+            # Shallow: the lists above are rebuilt for every snapshot, so nothing is shared.
+            return {f.name: getattr(state, f.name) for f in fields(state)}
 
         def emit(ref: Ref, sample: dict) -> Iterator[dict]:
             try:
