@@ -43,7 +43,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,7 @@ from mmdit.conditioning import (
     ConditioningConfig,
     TextEncoders,
     conditioning_identity,
+    identity_differences,
 )
 from mmdit.typed_config import (
     ConfigError,
@@ -194,15 +195,11 @@ def make_layout(text: TextEncoders) -> CacheLayout:
     )
 
 
-def _differences(recorded: Any, current: Any, prefix: str = "") -> list[str]:
-    if isinstance(recorded, Mapping) and isinstance(current, Mapping):
-        out: list[str] = []
-        for key in sorted(set(recorded) | set(current), key=str):
-            out += _differences(recorded.get(key), current.get(key), f"{prefix}{key}.")
-        return out
-    if recorded != current:
-        return [f"{prefix.rstrip('.')}: cache has {recorded!r}, this run {current!r}"]
-    return []
+def _differences(recorded: Any, current: Any) -> list[str]:
+    return [
+        f"{key}: cache has {a!r}, this run {b!r}"
+        for key, a, b in identity_differences(recorded, current)
+    ]
 
 
 def _recorded_info(out: Path) -> CacheInfo | None:

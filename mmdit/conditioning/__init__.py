@@ -6,6 +6,7 @@ from mmdit.conditioning.components import (
     StaleEmbeddingsError,
     check_identity,
     conditioning_identity,
+    identity_differences,
     identity_hash,
 )
 from mmdit.conditioning.config import ConditioningConfig
@@ -22,6 +23,7 @@ __all__ = [
     "TextEncoders",
     "check_identity",
     "conditioning_identity",
+    "identity_differences",
     "draw_dropout",
     "identity_hash",
 ]

@@ -99,14 +99,23 @@ def identity_hash(identities: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identities, sort_keys=True).encode()).hexdigest()
 
 
+def identity_differences(
+    recorded: Any, current: Any, prefix: str = ""
+) -> list[tuple[str, Any, Any]]:
+    """(dotted key, recorded value, current value) for every leaf where two identities differ."""
+    if isinstance(recorded, Mapping) and isinstance(current, Mapping):
+        out: list[tuple[str, Any, Any]] = []
+        for key in sorted(set(recorded) | set(current), key=str):
+            out += identity_differences(recorded.get(key), current.get(key), f"{prefix}{key}.")
+        return out
+    return [] if recorded == current else [(prefix.rstrip("."), recorded, current)]
+
+
 def check_identity(recorded: Mapping[str, Any], current: Mapping[str, Any], what: str) -> None:
     """Raise StaleEmbeddingsError naming every entry that differs between two identities."""
-    keys = sorted(set(recorded) | set(current))
-    differing = [k for k in keys if recorded.get(k) != current.get(k)]
+    differing = identity_differences(recorded, current)
     if differing:
-        details = "; ".join(
-            f"{k}: recorded {recorded.get(k)!r}, loaded {current.get(k)!r}" for k in differing
-        )
+        details = "; ".join(f"{k}: recorded {a!r}, loaded {b!r}" for k, a, b in differing)
         raise StaleEmbeddingsError(
             f"{what} was made with other encoders or settings ({details}); "
             "recompute it with mmdit-precompute or load the encoders it was made with"
