@@ -367,6 +367,63 @@ class ResumableLoader:
         self._consumed = int(state["consumed"])
 
 
+def reshard_state(
+    rank_states: Sequence[Mapping[str, Any]], rank: int, world_size: int, num_workers: int
+) -> dict[str, Any]:
+    """Rank `rank`'s loader state for a new (world_size, num_workers) layout, from the states
+    of every rank of the old layout.
+
+    Each reader slot's stream depends only on the slot number and the total number of slots,
+    so a layout with the same total (e.g. 2 ranks x 1 worker -> 1 rank x 2 workers, the
+    trainer's world-size change at a fixed global batch) continues every slot exactly. Within
+    a rank, workers are consumed round-robin, so worker w of a rank that consumed c batches
+    has consumed c // W + (w < c % W) of them; the new rank's slots must again form that
+    pattern (they do whenever ranks are merged or split whole).
+    """
+    if not rank_states:
+        raise ValueError("no loader states to reshard")
+    first = rank_states[0]
+    old_world, old_workers = int(first["world_size"]), int(first["num_workers"])
+    new_workers = max(1, num_workers)
+    if old_world * old_workers != world_size * new_workers:
+        raise ValueError(
+            f"cannot continue the data stream on {world_size} ranks x {new_workers} workers: "
+            f"it was read by {old_world} x {old_workers} = {old_world * old_workers} readers; "
+            f"use data.num_workers = {old_world * old_workers} / world size"
+        )
+    by_rank = {int(s["rank"]): s for s in rank_states}
+    if sorted(by_rank) != list(range(old_world)):
+        raise ValueError(f"loader states for ranks {sorted(by_rank)}, expected 0..{old_world - 1}")
+    slots: dict[int, tuple[int, dict | None]] = {}  # slot -> (batches consumed, state)
+    for r, state in by_rank.items():
+        if state.get("format") != STATE_FORMAT or state["batch_size"] != first["batch_size"]:
+            raise ValueError("loader states differ in format or batch size across ranks")
+        c = int(state["consumed"])
+        for w in range(old_workers):
+            consumed = c // old_workers + (1 if w < c % old_workers else 0)
+            slots[r * old_workers + w] = (consumed, state["workers"].get(str(w)))
+    mine = [slots[rank * new_workers + w] for w in range(new_workers)]
+    counts = [c for c, _ in mine]
+    lead = sum(1 for c in counts if c > counts[-1])
+    if (
+        any(c not in (counts[-1], counts[-1] + 1) for c in counts)
+        or counts[:lead] != [counts[-1] + 1] * lead
+    ):
+        raise ValueError(
+            f"rank {rank}'s readers consumed {counts} batches: not a round-robin position, so "
+            "the stream cannot continue exactly on this layout"
+        )
+    return {
+        "format": STATE_FORMAT,
+        "rank": rank,
+        "world_size": world_size,
+        "num_workers": new_workers,
+        "batch_size": first["batch_size"],
+        "consumed": sum(counts),
+        "workers": {str(w): st for w, (_, st) in enumerate(mine) if st is not None},
+    }
+
+
 def build_loader(
     config: DataConfig,
     rank: int,
@@ -407,4 +464,11 @@ def build_loader(
     return loader
 
 
-__all__ = ["REASONS", "BucketedShardStream", "ResumableLoader", "StreamState", "build_loader"]
+__all__ = [
+    "REASONS",
+    "BucketedShardStream",
+    "ResumableLoader",
+    "StreamState",
+    "build_loader",
+    "reshard_state",
+]

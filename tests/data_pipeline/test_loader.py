@@ -13,7 +13,7 @@ import torch
 
 from data_pipeline.cache_format import CacheInfo, CacheLayout, encode_tensors
 from data_pipeline.config import DataConfig
-from data_pipeline.loader import build_loader, slot_shards
+from data_pipeline.loader import build_loader, reshard_state, slot_shards
 from mmdit.conditioning import StaleEmbeddingsError
 from tests.data_pipeline.conftest import good_members, make_tar, pickle_payload
 
@@ -134,6 +134,50 @@ def test_resume_with_another_layout_is_refused(shard_dir):
     other = build_loader(config(shard_dir, num_workers=2), 0, 1, batch_size=1)
     with pytest.raises(ValueError, match="num_workers: saved 1, now 2"):
         other.load_state_dict(loader.state_dict())
+
+
+def _states(loaders) -> list[dict]:
+    return [json.loads(json.dumps(lo.state_dict())) for lo in loaders]
+
+
+def test_two_ranks_continue_exactly_as_one_rank_with_two_workers(shard_dir):
+    # The trainer's 2 -> 1 world-size change at a fixed global batch: 2 ranks x 1 worker
+    # become 1 rank x 2 workers, whose round-robin interleaves the two old streams.
+    cfg = config(shard_dir, num_workers=1)
+    ranks = [build_loader(cfg, r, 2, batch_size=2) for r in range(2)]
+    for lo in ranks:
+        take(lo, 5)
+    states = _states(ranks)
+    continued = [take(lo, 4) for lo in ranks]
+    merged = build_loader(dataclasses.replace(cfg, num_workers=2), 0, 1, batch_size=2)
+    merged.load_state_dict(reshard_state(states, 0, 1, 2))
+    got = take(merged, 8)
+    expected = [continued[i % 2][i // 2] for i in range(8)]
+    for g, e in zip(got, expected, strict=True):
+        assert g["keys"] == e["keys"] and torch.equal(g["images"], e["images"])
+
+
+def test_one_rank_with_two_workers_continues_exactly_as_two_ranks(shard_dir):
+    cfg = config(shard_dir, num_workers=2)
+    single = build_loader(cfg, 0, 1, batch_size=2)
+    take(single, 6)  # an even count: each worker consumed 3, a step boundary for 2 ranks
+    (state,) = _states([single])
+    continued = take(single, 6)
+    split = []
+    for r in range(2):
+        lo = build_loader(dataclasses.replace(cfg, num_workers=1), r, 2, batch_size=2)
+        lo.load_state_dict(reshard_state([state], r, 2, 1))
+        split.append(take(lo, 3))
+    expected = [split[i % 2][i // 2] for i in range(6)]
+    assert [b["keys"] for b in continued] == [b["keys"] for b in expected]
+
+
+def test_reshard_to_another_reader_count_is_refused(shard_dir):
+    loader = build_loader(config(shard_dir, num_workers=1), 0, 2, batch_size=1)
+    take(loader, 1)
+    other = _states([loader, build_loader(config(shard_dir, num_workers=1), 1, 2, batch_size=1)])
+    with pytest.raises(ValueError, match="data.num_workers = 2 / world size"):
+        reshard_state(other, 0, 1, 1)
 
 
 def test_too_few_shards_for_the_readers_is_explained(shard_dir):
