@@ -397,7 +397,14 @@ class MMDiT(nn.Module):
             pooled (B, pooled_dim), context_mask (B, L) bool or None) -> (B, out_channels, H, W)
     """
 
-    def __init__(self, config: MMDiTConfig, attention_backend: AttentionBackend = "sdpa"):
+    def __init__(
+        self,
+        config: MMDiTConfig,
+        attention_backend: AttentionBackend = "sdpa",
+        initialize: bool = True,
+    ):
+        """`initialize=False` leaves torch's default init for the caller to replace with
+        `initialize_weights` (e.g. part by part while parameters are sharded)."""
         super().__init__()
         check_backend(attention_backend)
         self.config = config
@@ -422,7 +429,8 @@ class MMDiT(nn.Module):
         )
         self.final_layer = FinalLayer(D, p, config.out_channels)
         self.activation_checkpointing = False
-        self.initialize_weights()
+        if initialize:
+            self.initialize_weights()
 
     def _pos_embed_table(self) -> torch.Tensor:
         cfg = self.config
@@ -431,9 +439,27 @@ class MMDiT(nn.Module):
         )
         return table[None]  # (1, P², D)
 
-    def initialize_weights(self) -> None:
-        """DiT/SD3 init: xavier linears, zero biases, zero adaLN and output -> output is 0."""
+    def weight_init_parts(self) -> list[nn.Module]:
+        """The top-level modules `initialize_weights` handles one at a time (a trainer that
+        shards parameters gathers one part at a time to initialise it)."""
+        return [
+            self.x_embedder,
+            self.t_embedder,
+            self.y_embedder,
+            self.context_embedder,
+            *self.blocks,
+            self.final_layer,
+        ]
 
+    def initialize_weights(self, parts: list[nn.Module] | None = None) -> None:
+        """DiT/SD3 init: xavier linears, zero biases, zero adaLN and output -> output is 0."""
+        for part in self.weight_init_parts() if parts is None else parts:
+            self._initialize_part(part)
+        # Recompute, so a model materialised from the meta device gets the table too.
+        with torch.no_grad():
+            self.pos_embed.copy_(self._pos_embed_table().to(self.pos_embed.device))
+
+    def _initialize_part(self, part: nn.Module) -> None:
         def basic_init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -441,25 +467,26 @@ class MMDiT(nn.Module):
             elif isinstance(module, nn.RMSNorm):
                 nn.init.ones_(module.weight)
 
-        self.apply(basic_init)
-        # The patch embedding is a linear map of flattened patches; init it like one.
-        w = self.x_embedder.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.bias)
-        for embedder in (self.t_embedder, self.y_embedder):
-            nn.init.normal_(embedder.mlp[0].weight, std=0.02)
-            nn.init.normal_(embedder.mlp[2].weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity and the output as zero.
-        for block in self.blocks:
-            for stream in (block.x, block.context):
+        if part is self.x_embedder:
+            # The patch embedding is a linear map of flattened patches; init it like one.
+            w = part.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(part.bias)
+            return
+        part.apply(basic_init)
+        if part is self.t_embedder or part is self.y_embedder:
+            nn.init.normal_(part.mlp[0].weight, std=0.02)
+            nn.init.normal_(part.mlp[2].weight, std=0.02)
+        elif isinstance(part, JointBlock):
+            # adaLN-Zero: every block starts as the identity...
+            for stream in (part.x, part.context):
                 nn.init.zeros_(stream.modulation.weight)
                 nn.init.zeros_(stream.modulation.bias)
-        for layer in (self.final_layer.modulation, self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-        # Recompute, so a model materialised from the meta device gets the table too.
-        with torch.no_grad():
-            self.pos_embed.copy_(self._pos_embed_table().to(self.pos_embed.device))
+        elif part is self.final_layer:
+            # ...and the output as zero.
+            for layer in (part.modulation, part.linear):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute each joint block in the backward pass instead of storing activations."""

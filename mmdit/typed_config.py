@@ -1,6 +1,6 @@
 """Typed configuration: dataclasses hold the schema and defaults, YAML files override them.
 
-One mechanism for every package: `load(RunConfig, "configs/debug.yaml", ["model.depth=4"])`
+One mechanism for every package: `load(RunConfig, "configs/debug_cpu.yaml", ["model.depth=4"])`
 reads a YAML file (optionally chained to a `base:` file), applies dotted overrides and builds
 the (frozen) dataclass tree, rejecting unknown keys and wrong types with one line that names the
 key, the file and the fix. `to_dict` / `dumps_yaml` / `save` write the resolved tree back out so
@@ -96,7 +96,7 @@ def read_file(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(
             f"config file '{path}' not found (looked at {path.resolve()}); "
-            "pass an existing YAML file, e.g. --config configs/debug.yaml"
+            "pass an existing YAML file, e.g. --config configs/debug_cpu.yaml"
         )
     resolved = path.resolve()
     if resolved in _chain:

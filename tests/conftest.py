@@ -22,3 +22,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_components(tmp_path_factory):
+    """A seeded tiny SD3 component directory (diffusers layout), built once per session."""
+    from mmdit.tiny_components import make_tiny_components
+
+    return make_tiny_components(tmp_path_factory.mktemp("components") / "sd3-tiny", seed=0)

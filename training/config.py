@@ -52,6 +52,23 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     max_consecutive_skips: int = 10  # non-finite loss/grad steps in a row before aborting
+    # Peak dense bf16 FLOP/s per device for MFU; 0 = look the device up (mmdit.flops).
+    peak_flops: float = 0.0
+    # Preview grid (rank 0, EMA weights, fixed prompts and seed) every N steps; 0 = never.
+    # Sampling steps, CFG scale and shift come from the eval section.
+    preview_every: int = 0
+    preview_prompts: tuple[str, ...] = (
+        "a photograph of a cat",
+        "a handwritten digit seven",
+        "a red car on a mountain road",
+        "a bowl of fruit on a wooden table",
+    )
+    preview_seed: int = 0
+    # Weights & Biases logging when a project is set (pip install wandb on the cluster);
+    # the JSONL metrics file and TensorBoard are always written.
+    wandb_project: str = ""
+    wandb_entity: str = ""
+    wandb_mode: Literal["online", "offline"] = "online"
 
     def __post_init__(self):
         if self.micro_batch_size < 1:

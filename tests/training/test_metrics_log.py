@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from training.metrics_log import METRICS_FILE, MetricsLogger, flatten
+
+
+class FakeClock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def read_jsonl(run_dir):
+    return [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+
+
+def write_steps(run_dir, steps, resume_step=0):
+    with MetricsLogger(run_dir, is_writer=True, max_steps=100, resume_step=resume_step) as log:
+        for step in steps:
+            log.log(step, {"loss": 1.0 / step})
+
+
+def test_jsonl_holds_one_typed_object_per_log(tmp_path):
+    with MetricsLogger(tmp_path, is_writer=True, max_steps=10) as log:
+        log.log(1, {"loss": 0.5, "lr": np.float32(1e-4), "skipped": 0, "sigma": {"bin0": 0.25}})
+        log.log(2, {"loss": 0.4})
+    records = read_jsonl(tmp_path)
+    assert [r["step"] for r in records] == [1, 2]
+    first = records[0]
+    assert type(first["step"]) is int and type(first["time"]) is float
+    assert first["loss"] == 0.5 and type(first["skipped"]) is int
+    assert first["lr"] == pytest.approx(1e-4)
+    assert first["sigma"] == {"bin0": 0.25}  # nested in JSONL, flattened for TensorBoard
+
+
+def test_device_tensors_are_rejected_with_the_fix(tmp_path):
+    with MetricsLogger(tmp_path, is_writer=True, max_steps=10) as log:
+        with pytest.raises(TypeError, match=r"'loss'.*\.item\(\)"):
+            log.log(1, {"loss": torch.tensor(0.5)})
+        with pytest.raises(ValueError, match="reserved"):
+            log.log(1, {"step": 3})
+
+
+def test_resume_drops_steps_after_the_checkpoint(tmp_path):
+    write_steps(tmp_path, range(1, 11))
+    write_steps(tmp_path, range(7, 9), resume_step=6)
+    assert [r["step"] for r in read_jsonl(tmp_path)] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert not list(tmp_path.glob("*.tmp"))  # the atomic rewrite left no temp file
+
+
+def test_a_torn_last_line_is_dropped(tmp_path):
+    write_steps(tmp_path, range(1, 4))
+    with open(tmp_path / METRICS_FILE, "a") as f:
+        f.write('{"step": 4, "time": 1.0, "lo')  # killed mid-write
+    write_steps(tmp_path, [4], resume_step=3)
+    assert [r["step"] for r in read_jsonl(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_tensorboard_event_file_holds_the_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsLogger(tmp_path, is_writer=True, max_steps=10) as log:
+        log.log(5, {"loss": 0.25, "sigma": {"bin0": 1.5}, "note": "text is JSONL-only"})
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert set(acc.Tags()["scalars"]) == {"loss", "sigma/bin0"}
+    (event,) = acc.Scalars("loss")
+    assert event.step == 5 and event.value == pytest.approx(0.25)
+
+
+def test_tensorboard_purges_the_steps_a_resumed_run_redoes(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    write_steps(tmp_path, range(1, 11))
+    write_steps(tmp_path, range(7, 9), resume_step=6)
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_non_writer_rank_writes_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    with MetricsLogger(run_dir, is_writer=False, max_steps=10) as log:
+        log.log(1, {"loss": 0.5})
+    assert not run_dir.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_wandb_project_without_wandb_says_how_to_fix(tmp_path):
+    with pytest.raises(RuntimeError, match=r"pip install wandb.*unset train\.wandb_project"):
+        MetricsLogger(tmp_path, is_writer=True, max_steps=10, wandb_project="sd3-scaling")
+
+
+def test_console_line_has_the_rates_and_an_eta(tmp_path, capsys):
+    clock = FakeClock()
+    metrics = {
+        "loss": 0.51234,
+        "lr": 1e-4,
+        "samples_per_s": 34.5,
+        "tflops_per_s": 12.1,
+        "mfu": 0.032,
+        "data_wait_frac": 0.012,
+    }
+    with MetricsLogger(
+        tmp_path, is_writer=True, max_steps=1000, resume_step=100, clock=clock
+    ) as log:
+        clock.t += 20.0
+        log.log(120, metrics)  # 20 steps since the resume step in 20 s: 1 step/s
+    line = capsys.readouterr().out.strip()
+    assert line == (
+        "step 120/1000 | loss 0.5123 | lr 1.00e-04 | 34.5 samples/s | 12.1 TFLOP/s | "
+        "MFU 3.2% | data wait 1.2% | ETA 0:14:40"
+    )
+
+
+def test_console_line_tolerates_missing_keys_and_smooths_the_rate():
+    clock = FakeClock()
+    log = MetricsLogger("unused", is_writer=False, max_steps=100, clock=clock)
+    assert log.console_line(0, {}) == "step 0/100"  # no rate measured yet: no ETA
+    clock.t += 10.0
+    log.log(10, {})  # 1 step/s
+    clock.t += 5.0
+    log.log(20, {})  # 2 steps/s, smoothed towards it
+    assert 1.0 < log.steps_per_s < 2.0
+    line = log.console_line(20, {"loss": 0.3})
+    assert line.startswith("step 20/100 | loss 0.3000 | ETA ")
+
+
+def test_flatten_names_nested_metrics_with_slashes():
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a/b": 1, "a/c/d": 2, "e": 3}

@@ -1,0 +1,174 @@
+"""Process layout from whichever launcher started us, and the few collectives the trainer needs.
+
+Launchers announce ranks differently: `torchrun` and `deepspeed` set RANK / WORLD_SIZE /
+LOCAL_RANK / MASTER_ADDR / MASTER_PORT; `srun` sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID
+and the allocation's node list (the first node hosts the rendezvous); a plain `python` is one
+process. `detect` reads them in that order, `init` exports the torch variables and starts the
+process group (NCCL on GPUs, gloo on DeepSpeed's CPU accelerator).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun" (also deepspeed), "srun" or "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list (`gpu[003-005,007],cpu1` -> `gpu003`).
+
+    `scontrol show hostnames` is the reference; the parser covers the common forms for
+    nodes where scontrol is not on PATH.
+    """
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if head is None:
+        raise ValueError(f"cannot parse the Slurm node list {nodelist!r}")
+    prefix, _, ranges = head.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _int(environ: Mapping[str, str], name: str) -> int:
+    try:
+        return int(environ[name])
+    except ValueError:
+        raise ValueError(f"environment variable {name}={environ[name]!r} is not an integer") from None
+
+
+def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
+    env = os.environ if environ is None else environ
+    port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else DEFAULT_PORT
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=_int(env, "RANK"),
+            world_size=_int(env, "WORLD_SIZE"),
+            local_rank=_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=port,
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
+        addr = env.get("MASTER_ADDR") or (first_host(nodelist) if nodelist else "127.0.0.1")
+        if "MASTER_PORT" not in env and "SLURM_JOB_ID" in env:
+            # One port per job, so two jobs sharing a node do not collide.
+            port = 20000 + _int(env, "SLURM_JOB_ID") % 20000
+        return DistEnv(
+            rank=_int(env, "SLURM_PROCID"),
+            world_size=_int(env, "SLURM_NTASKS"),
+            local_rank=_int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+            master_addr=addr,
+            master_port=port,
+            launcher="srun",
+        )
+    return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
+
+
+def init(dist_env: DistEnv, timeout_s: int = 1800) -> torch.device:
+    """Export the torch rendezvous variables, start the process group, return our device."""
+    os.environ.update(
+        RANK=str(dist_env.rank),
+        WORLD_SIZE=str(dist_env.world_size),
+        LOCAL_RANK=str(dist_env.local_rank),
+        LOCAL_SIZE=os.environ.get("LOCAL_SIZE", str(dist_env.world_size)),
+        MASTER_ADDR=dist_env.master_addr,
+        MASTER_PORT=str(dist_env.master_port),
+    )
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cuda":
+        torch.cuda.set_device(dist_env.local_rank)
+        device = torch.device("cuda", dist_env.local_rank)
+    else:
+        device = torch.device(accelerator.device_name())
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=accelerator.communication_backend_name(),
+            auto_mpi_discovery=False,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    return device
+
+
+def all_true(flag: bool) -> bool:
+    """True on every rank iff `flag` is true on every rank (one tiny all-reduce)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    t = t.to(_comm_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def any_true(flag: bool) -> bool:
+    return not all_true(not flag)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, on every rank (small JSON-able data only)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _comm_device() -> torch.device:
+    backend = torch.distributed.get_backend()
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")

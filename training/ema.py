@@ -1,0 +1,124 @@
+"""EMA of the weights under ZeRO-3: each rank averages only its own fp32 partitions.
+
+ZeRO-3 flattens every parameter, pads it to a multiple of the world size and gives rank r the
+slice [r*n, (r+1)*n). The EMA keeps the same slices of the fp32 master weights, so it costs
+4 bytes per parameter divided by the world size and no communication per step. Saved as one
+safetensors file per rank; `full_state_dict` concatenates the slices (any world size), and
+`load` re-slices a full state for the current world size, so a run resumes its EMA on a
+different number of ranks and `mmdit-export --ema` needs no GPU.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SHARD_PATTERN = "ema_rank_{rank:05d}_of_{world:05d}.safetensors"
+
+
+def shard_name(rank: int, world: int) -> str:
+    return SHARD_PATTERN.format(rank=rank, world=world)
+
+
+def local_partition(full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank `rank`'s ZeRO-3 slice of a full tensor (flattened, zero-padded to world x n)."""
+    flat = full.reshape(-1)
+    n = -(-flat.numel() // world)  # ceil
+    padded = torch.zeros(n * world, dtype=flat.dtype)
+    padded[: flat.numel()] = flat
+    return padded[rank * n : (rank + 1) * n].clone()
+
+
+def _fp32_partition(param: torch.nn.Parameter) -> torch.Tensor:
+    if hasattr(param, "ds_id"):
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        return safe_get_local_fp32_param(param).reshape(-1)
+    return param.detach().reshape(-1)  # no ZeRO (tests, single-process references)
+
+
+class ShardedEMA:
+    def __init__(
+        self,
+        named_params: Iterable[tuple[str, torch.nn.Parameter]],
+        decay: float,
+        rank: int = 0,
+        world: int = 1,
+    ):
+        self.decay = decay
+        self.rank, self.world = rank, world
+        self.params = dict(named_params)
+        # Shapes of the full tensors, from ZeRO's metadata where the param is partitioned.
+        self.shapes = {
+            name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in self.params.items()
+        }
+        self.shadow = {
+            name: _fp32_partition(p).detach().float().clone() for name, p in self.params.items()
+        }
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """After an applied optimizer step: shadow <- decay * shadow + (1 - decay) * weights."""
+        names = list(self.shadow)
+        shadows = [self.shadow[n] for n in names]
+        weights = [_fp32_partition(self.params[n]).float() for n in names]
+        torch._foreach_lerp_(shadows, weights, 1.0 - self.decay)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / shard_name(self.rank, self.world)
+        tmp = path.with_name(path.name + ".tmp")
+        meta = {"shapes": json.dumps(self.shapes), "decay": repr(self.decay)}
+        save_file({n: t.contiguous().cpu() for n, t in self.shadow.items()}, str(tmp), meta)
+        tmp.replace(path)
+        return path
+
+    def load(self, directory: str | Path) -> None:
+        full = full_state_dict(directory)
+        missing = set(self.shadow) - set(full)
+        if missing:
+            raise ValueError(f"EMA in {directory} lacks {sorted(missing)[:5]}")
+        for name, value in full.items():
+            if name not in self.shadow:
+                raise ValueError(f"EMA in {directory} has {name!r}, which this model lacks")
+            if tuple(value.shape) != self.shapes[name]:
+                raise ValueError(
+                    f"EMA {name} has shape {tuple(value.shape)} in {directory}, "
+                    f"the model has {self.shapes[name]}"
+                )
+            part = local_partition(value.float(), self.rank, self.world)
+            self.shadow[name].copy_(part.to(self.shadow[name].device))
+
+
+def shard_files(directory: str | Path) -> list[Path]:
+    files = sorted(Path(directory).glob("ema_rank_*_of_*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no EMA shards (ema_rank_*_of_*.safetensors) in {directory}")
+    world = {f.stem.rsplit("_of_", 1)[1] for f in files}
+    if len(world) != 1 or len(files) != int(next(iter(world))):
+        raise ValueError(
+            f"EMA shards in {directory} are incomplete or mixed: {[f.name for f in files]}"
+        )
+    return files
+
+
+def full_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The whole EMA as full fp32 tensors, from the per-rank shards of any world size."""
+    files = shard_files(directory)
+    parts: dict[str, list[torch.Tensor]] = {}
+    shapes: Mapping[str, list[int]] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = json.loads(f.metadata()["shapes"])
+            for name in f.keys():
+                parts.setdefault(name, []).append(f.get_tensor(name))
+    out = {}
+    for name, chunks in parts.items():
+        shape = tuple(shapes[name])
+        numel = int(torch.Size(shape).numel())
+        out[name] = torch.cat(chunks)[:numel].reshape(shape)
+    return out

@@ -1,0 +1,287 @@
+"""Training metrics: JSONL (always), TensorBoard (always), W&B (when a project is set).
+
+Every rank constructs a `MetricsLogger`; only the writer rank (global rank 0) touches the
+disk, prints, or talks to W&B, so the trainer can call it unconditionally. The trainer reduces
+its device tensors to python numbers on log steps only, so nothing here ever syncs the host
+with the device.
+
+Resume: a run killed after its last checkpoint has already logged steps that the resumed run
+will redo. On open, `metrics.jsonl` keeps only the lines with step <= resume_step (and drops a
+line torn by a crash mid-write), and TensorBoard purges events after resume_step, so every
+step appears once and the loss curve continues where the checkpoint left it.
+
+Metric names the console line understands (all optional): ``loss``, ``lr``,
+``samples_per_s``, ``tflops_per_s`` (TFLOP/s per device), ``mfu`` and ``data_wait_frac``
+(fractions in [0, 1]). Nested mappings (e.g. loss per sigma bin) are kept nested in JSONL
+and flattened to "a/b" names for TensorBoard and W&B.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import json
+import math
+import numbers
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+WANDB_ID_FILE = "wandb_id.txt"
+RESERVED_KEYS = ("step", "time")
+
+# Weight of the newest interval in the smoothed step rate: responsive enough to follow a real
+# slowdown, smooth enough that one slow log interval (a checkpoint save) does not swing the ETA.
+RATE_SMOOTHING = 0.3
+
+
+def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"loss": {"bin0": 1.0}} -> {"loss/bin0": 1.0}."""
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, prefix=f"{name}/"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _plain(name: str, value: Any) -> Any:
+    """A JSON-ready python value, or a TypeError that says how to fix the caller."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(f"{name}/{k}", v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):  # python and numpy floats
+        return float(value)
+    raise TypeError(
+        f"metric {name!r} is a {type(value).__module__}.{type(value).__qualname__}; "
+        "MetricsLogger.log takes python numbers only: reduce device tensors with .item() "
+        "on log steps (never every step, which would sync the host with the device)"
+    )
+
+
+def _read_kept_lines(path: Path, resume_step: int) -> tuple[list[str], bool]:
+    """The lines of `path` to keep and whether any were dropped.
+
+    Kept: complete lines holding a JSON object with an integer step <= resume_step. A torn
+    last line (no newline, or not valid JSON) is dropped, as are steps the resumed run redoes.
+    """
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        if not line.endswith("\n"):
+            continue  # torn by a crash mid-write
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            continue
+        if record["step"] <= resume_step:
+            kept.append(line)
+    return kept, len(kept) != len(lines)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never a half-written one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def format_eta(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+class MetricsLogger:
+    """Writes metrics on the writer rank; a no-op on every other rank."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        is_writer: bool,
+        max_steps: int,
+        resume_step: int = 0,
+        wandb_project: str = "",
+        wandb_entity: str = "",
+        wandb_mode: str = "online",
+        run_name: str = "",
+        config: dict | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        """`clock` measures the step rate for the ETA (wall clock; injectable for tests)."""
+        if resume_step < 0:
+            raise ValueError(f"resume_step={resume_step} must be >= 0")
+        if wandb_project and importlib.util.find_spec("wandb") is None:
+            # Checked on every rank, so a misconfigured run fails everywhere at once instead of
+            # rank 0 dying while the others wait in a collective.
+            raise RuntimeError(
+                f"train.wandb_project={wandb_project!r} but wandb is not installed: "
+                "`pip install wandb`, or unset train.wandb_project (JSONL and TensorBoard "
+                "metrics are written either way)"
+            )
+        self.run_dir = Path(run_dir)
+        self.is_writer = is_writer
+        self.max_steps = max_steps
+        self.resume_step = resume_step
+        self._clock = clock
+        self._last_log: tuple[int, float] = (resume_step, clock())
+        self._steps_per_s: float | None = None
+        self._jsonl = None
+        self._tb = None
+        self._wandb_run = None
+        if not is_writer:
+            return
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / METRICS_FILE
+        if self.metrics_path.exists():
+            kept, dropped = _read_kept_lines(self.metrics_path, resume_step)
+            if dropped:
+                _write_atomically(self.metrics_path, "".join(kept))
+        self._jsonl = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115
+
+        # Imported here: tensorboard is only needed where something is written.
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(
+            str(self.run_dir / TENSORBOARD_DIR),
+            purge_step=resume_step + 1 if resume_step else None,
+        )
+        if wandb_project:
+            self._wandb_run = self._init_wandb(
+                wandb_project, wandb_entity, wandb_mode, run_name, config
+            )
+
+    def _init_wandb(self, project, entity, mode, run_name, config):
+        import wandb
+
+        # The id persists in the run directory so a resumed (or requeued) job appends to the
+        # same W&B run instead of starting a new one.
+        id_path = self.run_dir / WANDB_ID_FILE
+        if id_path.exists():
+            run_id = id_path.read_text(encoding="utf-8").strip()
+        else:
+            run_id = uuid.uuid4().hex[:12]
+            _write_atomically(id_path, run_id + "\n")
+        return wandb.init(
+            project=project,
+            entity=entity or None,
+            mode=mode,
+            name=run_name or None,
+            id=run_id,
+            resume="allow",
+            config=config,
+            dir=str(self.run_dir),
+        )
+
+    # ---------------------------------------------------------------------------------------
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Record `metrics` (python numbers, possibly nested) for `step`, and print a line."""
+        clash = [k for k in RESERVED_KEYS if k in metrics]
+        if clash:
+            raise ValueError(f"metric names {clash} are reserved by MetricsLogger; rename them")
+        self._update_rate(step)
+        if not self.is_writer:
+            return
+        if self._jsonl is None:
+            raise RuntimeError(f"MetricsLogger for {self.run_dir} is closed; log before close()")
+        values = {str(k): _plain(str(k), v) for k, v in metrics.items()}
+        record = {"step": int(step), "time": time.time(), **values}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()  # one line per log step: a crash loses at most the line in flight
+
+        flat = flatten(values)
+        numeric = {
+            k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        for name, value in numeric.items():
+            self._tb.add_scalar(name, value, global_step=step)
+        if self._wandb_run is not None:
+            self._wandb_run.log(numeric, step=step)
+        print(self.console_line(step, values), flush=True)
+
+    def _update_rate(self, step: int) -> None:
+        now = self._clock()
+        last_step, last_time = self._last_log
+        if step > last_step and now > last_time:
+            rate = (step - last_step) / (now - last_time)
+            if self._steps_per_s is None:
+                self._steps_per_s = rate
+            else:
+                self._steps_per_s += RATE_SMOOTHING * (rate - self._steps_per_s)
+        self._last_log = (step, now)
+
+    @property
+    def steps_per_s(self) -> float | None:
+        """Smoothed optimizer steps per second since the resume step; None before a log."""
+        return self._steps_per_s
+
+    def console_line(self, step: int, metrics: Mapping[str, Any]) -> str:
+        """`step 120/1000 | loss 0.5123 | lr 1.00e-04 | ... | ETA 0:12:34`; missing keys are
+        left out."""
+
+        def number(key):
+            value = metrics.get(key)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                return None
+            value = float(value)
+            return value if math.isfinite(value) or key == "loss" else None
+
+        parts = [f"step {step}/{self.max_steps}"]
+        formats = (
+            ("loss", "loss {:.4f}"),
+            ("lr", "lr {:.2e}"),
+            ("samples_per_s", "{:.1f} samples/s"),
+            ("tflops_per_s", "{:.1f} TFLOP/s"),
+        )
+        for key, fmt in formats:
+            if (value := number(key)) is not None:
+                parts.append(fmt.format(value))
+        if (value := number("mfu")) is not None:
+            parts.append(f"MFU {100 * value:.1f}%")
+        if (value := number("data_wait_frac")) is not None:
+            parts.append(f"data wait {100 * value:.1f}%")
+        if self._steps_per_s:
+            remaining = max(self.max_steps - step, 0)
+            parts.append(f"ETA {format_eta(remaining / self._steps_per_s)}")
+        return " | ".join(parts)
+
+    # ---------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

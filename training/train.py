@@ -1,0 +1,60 @@
+"""`mmdit-train`: pretrain an MMDiT with rectified flow on DeepSpeed ZeRO-3.
+
+    mmdit-train --config configs/debug_cpu.yaml                       # one process
+    torchrun --nproc_per_node 2 -m training.train --config configs/debug_cpu.yaml
+    deepspeed --num_gpus 8 -m training.train --config configs/d24_512px.yaml
+    srun mmdit-train --config configs/d24_512px.yaml train.run_dir=/runs/d24   # in sbatch
+
+The same command resumes: on start, the run continues from the newest intact checkpoint in
+train.run_dir by itself (a damaged one is skipped for the one before). Resuming on another
+number of ranks is supported when train.global_batch_size is set (DeepSpeed universal
+checkpoint; the data stream continues where it was).
+
+Touch RUN/CHECKPOINT_NOW to get a checkpoint at the next step. SIGUSR2 or SIGTERM makes every
+rank checkpoint at the next step and exit with status 3 (resubmit to continue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from mmdit.typed_config import add_config_arguments, config_from_args
+from training.config import RunConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmdit-train",
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"], help="console verbosity"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = config_from_args(RunConfig, args, parser)
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Imported after parsing so `--help` is instant and config errors come before DeepSpeed.
+    from training.trainer import StopFlag, Trainer
+
+    trainer = Trainer(config, stop_flag=StopFlag())
+    return trainer.fit()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

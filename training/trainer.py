@@ -1,0 +1,466 @@
+"""The rectified-flow training loop on DeepSpeed ZeRO-3.
+
+One step = `accumulation` micro batches per rank, one optimizer update. The loop never waits
+for the device except where DeepSpeed already does (its global gradient norm decides whether
+an update is applied): losses are summed per sigma bin on the device and reduced across ranks
+only at log steps.
+
+Determinism: the noise, sigma and CFG-dropout draws of micro batch i of step s come from
+generators seeded by (train.seed, s, i * world + rank), i.e. by the sample's position in the
+global batch, not by process history. A resumed run therefore needs no generator state to
+continue the same loss curve, and a run resumed on another world size with the same global
+batch draws the same numbers for the same samples (the loader keeps the sample order, see
+data_pipeline.loader.reshard_state).
+
+Skipped updates: a non-finite gradient norm on any rank (DeepSpeed reduces the norm over all
+ranks, so all agree) leaves the weights, optimizer and EMA unchanged; the step still counts,
+its batch is consumed (replaying it would most likely fail again) and the learning-rate
+schedule follows the step counter. After `train.max_consecutive_skips` skipped steps in a row
+the run stops with the offending batch keys written to RUN/nonfinite/.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import random
+import signal
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline import build_loader
+from data_pipeline.bad_samples import REASONS
+from data_pipeline.loader import reshard_state
+from mmdit import flow
+from mmdit.conditioning import conditioning_identity
+from mmdit.flops import approx_train_flops_per_sample, mfu, peak_bf16_flops
+from mmdit.model import MMDiT, JointBlock
+from mmdit.typed_config import dumps_yaml, to_dict
+from training import distributed
+from training.checkpoint import DS_TAG, Checkpoint, CheckpointManager
+from training.config import RunConfig
+from training.ds_config import accumulation_steps, deepspeed_config
+from training.ema import ShardedEMA
+from training.metrics_log import MetricsLogger
+from training.model_inputs import ModelInputs
+from training.optim import build_optimizer, lr_at
+
+log = logging.getLogger("mmdit.train")
+
+EXIT_DONE = 0
+EXIT_PREEMPTED = 3  # checkpointed on request/signal before max_steps; resubmit to continue
+CHECKPOINT_REQUEST_FILE = "CHECKPOINT_NOW"  # touch RUN/CHECKPOINT_NOW to get one
+MODEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def micro_batch_seed(seed: int, step: int, index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{step}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def rng_state() -> dict:
+    """Process-wide RNG states as plain data (nothing in the loop draws from them, but
+    user hooks and libraries may; they are restored so a resume is complete)."""
+    state = {
+        "python": base64.b64encode(json.dumps(random.getstate()).encode()).decode(),
+        "numpy": base64.b64encode(json.dumps(_np_state()).encode()).decode(),
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [
+            base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()
+        ]
+    return state
+
+
+def _np_state() -> list:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [name, keys.tolist(), pos, has_gauss, gauss]
+
+
+def set_rng_state(state: dict) -> None:
+    py = json.loads(base64.b64decode(state["python"]))
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, gauss = json.loads(base64.b64decode(state["numpy"]))
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch_state = np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()
+    torch.set_rng_state(torch.from_numpy(torch_state))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = [
+            torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
+            for s in state["cuda"]
+        ]
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class StopFlag:
+    """Set by SIGUSR2 (Slurm's warning before a time limit or preemption) or SIGTERM; only
+    sets a flag, so the handler is safe at any point; the loop acts at a step boundary."""
+
+    def __init__(self, signals=(signal.SIGUSR2, signal.SIGTERM)):
+        self.received: int | None = None
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.received = signum
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, *, stop_flag: StopFlag | None = None):
+        self.config = config
+        self.train = config.train
+        self.stop_flag = stop_flag
+        self.env = distributed.detect()
+        self.device = distributed.init(self.env)
+        self.rank, self.world = self.env.rank, self.env.world_size
+        self.run_dir = Path(self.train.run_dir)
+        self.accumulation = accumulation_steps(self.train, self.world)
+        self.global_batch = self.train.micro_batch_size * self.accumulation * self.world
+        self.checkpoints = CheckpointManager(
+            self.run_dir, self.train.keep_checkpoints, self.rank, self.world
+        )
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
+        self.checkpoints.remove_stale_temporaries()
+        self.resume_from = self.checkpoints.find_resumable()
+        self._build_engine()
+        self._build_data()
+        self.step = 0
+        self.skipped_total = 0
+        self.consecutive_skips = 0
+        self.skipped_keys: list[dict] = []
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+        self.metrics = MetricsLogger(
+            self.run_dir,
+            is_writer=self.rank == 0,
+            max_steps=self.train.max_steps,
+            resume_step=self.step,
+            wandb_project=self.train.wandb_project,
+            wandb_entity=self.train.wandb_entity,
+            wandb_mode=self.train.wandb_mode,
+            run_name=self.run_dir.name,
+            config=to_dict(self.config),
+        )
+        self._reset_log_window()
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def _build_engine(self) -> None:
+        import deepspeed
+        from deepspeed.utils import set_z3_leaf_modules
+
+        universal = self.resume_from is not None and self.resume_from.world_size != self.world
+        self.load_tag = DS_TAG
+        if universal:
+            self.load_tag = self.checkpoints.ensure_universal(self.resume_from)
+        self.ds_config = deepspeed_config(self.config, self.world, load_universal=universal)
+        torch.manual_seed(self.train.seed)  # the same initial weights on every rank
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, remote_device=None):
+            model = MMDiT(self.config.model, initialize=False)
+        # Parameters are sharded from birth: gather one part at a time, initialise it on
+        # rank 0 and let DeepSpeed scatter the result (modifier_rank=0 broadcasts it).
+        for part in model.weight_init_parts():
+            params = list(part.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                if self.rank == 0:
+                    model.initialize_weights([part])
+        model.initialize_weights([])  # the fixed position table (a buffer, not sharded)
+        model.set_activation_checkpointing(self.train.activation_checkpointing)
+        # Gather each block's parameters in one go instead of one Linear at a time.
+        set_z3_leaf_modules(model, [JointBlock])
+        optimizer = build_optimizer(model, self.train, self.device)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config
+        )
+        self.model_dtype = MODEL_DTYPES[self.train.precision]
+        self.ema = ShardedEMA(
+            self.engine.module.named_parameters(), self.train.ema_decay, self.rank, self.world
+        )
+
+    def _build_data(self) -> None:
+        data = self.config.data
+        if self.resume_from is not None and self.resume_from.world_size != self.world:
+            # Keep the number of readers, so every reader's stream continues exactly.
+            saved = self.resume_from.client_state(0)["loader"]
+            readers = int(saved["world_size"]) * int(saved["num_workers"])
+            if readers % self.world:
+                raise ValueError(
+                    f"the checkpoint's data stream has {readers} readers, which {self.world} "
+                    "ranks cannot share evenly; resume on a world size that divides it"
+                )
+            data = replace(data, num_workers=readers // self.world)
+        self.data_config = data
+        cond = self.config.conditioning
+        identity = None
+        if data.cache_shards:
+            identity = conditioning_identity(
+                cond.components,
+                cond.paths(),
+                use_t5=cond.use_t5,
+                t5_max_length=cond.t5_max_length,
+            )
+        self.loader = build_loader(
+            data,
+            self.rank,
+            self.world,
+            batch_size=self.train.micro_batch_size,
+            expected_identity=identity,
+            pin_memory=self.device.type == "cuda",
+        )
+        cache_dir = Path(self.loader.stream.shards[0]).parent if data.cache_shards else None
+        self.inputs = ModelInputs(
+            cond,
+            text_dropout=self.train.text_dropout,
+            device=self.device,
+            cache_info=self.loader.cache_info,
+            cache_dir=cache_dir,
+        )
+
+    def _load(self, checkpoint: Checkpoint) -> None:
+        log.info("rank %d: resuming from %s", self.rank, checkpoint.path)
+        path, _ = self.engine.load_checkpoint(
+            str(checkpoint.path),
+            tag=self.load_tag,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load {checkpoint.path / self.load_tag}")
+        self.ema.load(checkpoint.path)
+        if checkpoint.world_size == self.world:
+            client = checkpoint.client_state(self.rank)
+            loader_state = client["loader"]
+        else:
+            states = checkpoint.client_states()
+            client = states[self.rank] if self.rank < len(states) else states[0]
+            loader_state = reshard_state(
+                [s["loader"] for s in states], self.rank, self.world, self.data_config.num_workers
+            )
+        self.loader.load_state_dict(loader_state)
+        set_rng_state(client["rng"])
+        self.step = int(client["step"])
+        self.skipped_total = int(client["skipped_total"])
+        self.consecutive_skips = int(client["consecutive_skips"])
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _reset_log_window(self) -> None:
+        bins = self.config.eval.sigma_bins
+        self.loss_bins = torch.zeros(2, bins, dtype=torch.float64, device=self.device)
+        self.window_start = time.perf_counter()
+        self.window_steps = 0
+        self.window_flops = 0.0
+        self.window_tokens = 0
+        self.window_data_wait = 0.0
+        self.window_skipped = 0
+
+    def _next_batch(self, batches) -> dict:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        self.window_data_wait += time.perf_counter() - t0
+        return batch
+
+    def _model_fn(self, x, sigma, context, pooled):
+        dt = self.model_dtype
+        return self.engine(x.to(dt), sigma, context.to(dt), pooled.to(dt))
+
+    def train_step(self, batches) -> bool:
+        """One optimizer step over `accumulation` micro batches; True if it was applied."""
+        t = self.train
+        lr = lr_at(self.step, t)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.lr = lr
+        bins = self.config.eval.sigma_bins
+        step_bins = torch.zeros(2, bins, dtype=torch.float64, device=self.device)
+        keys = []
+        for micro in range(self.accumulation):
+            batch = self._next_batch(batches)
+            keys.append(batch["keys"])
+            seed = micro_batch_seed(t.seed, self.step, micro * self.world + self.rank)
+            noise_gen = torch.Generator(self.device).manual_seed(seed)
+            cpu_gen = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
+            x0, context, pooled = self.inputs(batch, noise_gen, cpu_gen)
+            loss, sigma = self.compute_loss(x0, context, pooled, noise_gen)
+            self.engine.backward(loss.mean())
+            self.engine.step()  # DeepSpeed updates only at the accumulation boundary
+            with torch.no_grad():
+                idx = (sigma * bins).long().clamp_(0, bins - 1)
+                step_bins[0].index_add_(0, idx, loss.detach().double())
+                step_bins[1].index_add_(0, idx, torch.ones_like(loss, dtype=torch.float64))
+            self._count_work(x0, context)
+        applied = not getattr(self.engine.optimizer, "overflow", False)
+        if applied:
+            self.ema.update()
+            self.loss_bins += step_bins
+            self.consecutive_skips = 0
+        else:
+            self._record_skip(keys)
+        self.step += 1
+        self.window_steps += 1
+        return applied
+
+    def compute_loss(self, x0, context, pooled, generator):
+        """Per-sample rectified-flow loss and sigma (B,), fp32. A seam for fault injection."""
+        t = self.train
+        return flow.training_loss(
+            self._model_fn,
+            x0,
+            context=context,
+            pooled=pooled,
+            generator=generator,
+            density=t.sigma_density,
+            logit_mean=t.logit_mean,
+            logit_std=t.logit_std,
+            mode_scale=t.mode_scale,
+            weighting=t.loss_weighting,
+        )
+
+    def _count_work(self, x0: torch.Tensor, context: torch.Tensor) -> None:
+        p = self.config.model.patch_size
+        image_tokens = (x0.shape[-2] // p) * (x0.shape[-1] // p)
+        text_tokens = context.shape[1]
+        b = x0.shape[0]
+        self.window_tokens += b * (image_tokens + text_tokens)
+        per_sample = approx_train_flops_per_sample(self.config.model, image_tokens, text_tokens)
+        self.window_flops += b * per_sample
+
+    def _record_skip(self, keys: list[list[str]]) -> None:
+        self.skipped_total += 1
+        self.consecutive_skips += 1
+        self.window_skipped += 1
+        self.skipped_keys.append({"step": self.step, "keys": keys})
+        self.skipped_keys = self.skipped_keys[-self.train.max_consecutive_skips :]
+        log.warning(
+            "rank %d: step %d skipped: non-finite gradient norm (%d in a row, %d in total)",
+            self.rank,
+            self.step,
+            self.consecutive_skips,
+            self.skipped_total,
+        )
+        if self.consecutive_skips >= self.train.max_consecutive_skips:
+            out = self.run_dir / "nonfinite" / f"step_{self.step:08d}_rank_{self.rank:05d}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(self.skipped_keys, indent=1))
+            raise NonFiniteError(
+                f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient "
+                f"norm (train.max_consecutive_skips={self.train.max_consecutive_skips}); the "
+                f"batches' keys are in {out.parent}. Check those samples, lower train.lr, or "
+                "resume from an earlier checkpoint"
+            )
+
+    def _log(self) -> None:
+        bins = distributed.all_reduce_sum(self.loss_bins).cpu()
+        bad = self.loader.bad_counts()
+        names = ["good", *REASONS]
+        bad_total = distributed.all_reduce_sum(torch.tensor([bad[n] for n in names])).tolist()
+        wall = time.perf_counter() - self.window_start
+        sums, counts = bins[0], bins[1]
+        n = counts.sum().item()
+        samples = self.window_steps * self.global_batch
+        flops_per_device = self.window_flops / max(wall, 1e-9)  # this rank = one device
+        metrics = {
+            "loss": (sums.sum() / n).item() if n else float("nan"),
+            "loss_by_sigma": {
+                f"bin{i}": (sums[i] / counts[i]).item() for i in range(len(sums)) if counts[i]
+            },
+            "lr": self.lr,
+            "grad_norm": _as_float(self.engine.get_global_grad_norm()),
+            "samples_per_s": samples / max(wall, 1e-9),
+            "tokens_per_s": self.window_tokens * self.world / max(wall, 1e-9),
+            "tflops_per_s": flops_per_device / 1e12,
+            "data_wait_frac": self.window_data_wait / max(wall, 1e-9),
+            "skipped_steps": self.skipped_total,
+            "skipped_in_window": self.window_skipped,
+            "bad_samples": dict(zip(names, (int(v) for v in bad_total), strict=True)),
+        }
+        peak = self.train.peak_flops or (
+            peak_bf16_flops(torch.cuda.get_device_name()) if self.device.type == "cuda" else None
+        )
+        if peak:
+            metrics["mfu"] = mfu(flops_per_device, peak)
+        self.metrics.log(self.step, metrics)
+        self._reset_log_window()
+
+    def _client_state(self) -> dict:
+        return {
+            "step": self.step,
+            "loader": self.loader.state_dict(),
+            "rng": rng_state(),
+            "skipped_total": self.skipped_total,
+            "consecutive_skips": self.consecutive_skips,
+            "world_size": self.world,
+            "global_batch": self.global_batch,
+        }
+
+    def save_checkpoint(self) -> Path:
+        t0 = time.perf_counter()
+        path = self.checkpoints.save(
+            self.engine, self.step, self.ema, self._client_state(), dumps_yaml(self.config)
+        )
+        if self.rank == 0:
+            log.info("checkpoint %s written in %.1fs", path, time.perf_counter() - t0)
+        return path
+
+    def _checkpoint_requested(self) -> bool:
+        request = self.run_dir / CHECKPOINT_REQUEST_FILE
+        mine = (self.stop_flag is not None and self.stop_flag.received is not None) or (
+            self.rank == 0 and request.exists()
+        )
+        return distributed.any_true(mine)
+
+    def fit(self) -> int:
+        t = self.train
+        if self.rank == 0:
+            log.info(
+                "training %s from step %d to %d: world %d x micro %d x accumulation %d = "
+                "global batch %d",
+                self.run_dir,
+                self.step,
+                t.max_steps,
+                self.world,
+                t.micro_batch_size,
+                self.accumulation,
+                self.global_batch,
+            )
+        batches = iter(self.loader)
+        last_saved = self.step if self.resume_from is not None else -1
+        while self.step < t.max_steps:
+            self.train_step(batches)
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                self._log()
+            requested = self._checkpoint_requested()
+            if requested or self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
+                self.save_checkpoint()
+                last_saved = self.step
+                if self.rank == 0:
+                    (self.run_dir / CHECKPOINT_REQUEST_FILE).unlink(missing_ok=True)
+                if self.stop_flag is not None and distributed.any_true(
+                    self.stop_flag.received is not None
+                ):
+                    log.warning("rank %d: stopping at step %d on a signal", self.rank, self.step)
+                    self.metrics.close()
+                    return EXIT_PREEMPTED
+        if last_saved != self.step:
+            self.save_checkpoint()
+        self.metrics.close()
+        return EXIT_DONE
+
+
+def _as_float(value) -> float:
+    if value is None:
+        return float("nan")
+    return float(value.item() if torch.is_tensor(value) else value)
