@@ -13,11 +13,15 @@ What it does, per source shard of ``data.shards`` (expanded with `expand_shards`
   ``<name>.tmp`` and renamed when complete: a shard whose final file exists is SKIPPED, so a
   killed job rerun with the same arguments only does the rest;
 - every sample is read with `iter_samples` + `parse_sample` (``data.caption``,
-  ``data.empty_caption``), decoded to its aspect-ratio bucket with `decode_to_bucket` using a
-  CENTER crop (``data.crop`` is ignored: the cache is deterministic and the stored
-  ``crop_top_left`` is the centre crop's), batched with samples of the same bucket (up to
+  ``data.empty_caption``), decoded to its aspect-ratio bucket with `decode_to_bucket`
+  (``min_side`` = ``data.bucket_multiple``, as the image loader does) with the ``data.crop``
+  crop: ``center``, or ``random`` drawn from a `random.Random` seeded by (``data.seed``, the
+  source shard's basename, the sample's index in the shard) (`crop_rng`), so a re-run, or
+  another rank, writes the same cache; the crop is done once, every epoch then sees the same
+  one, and ``crop_top_left`` records it. Batched with samples of the same bucket (up to
   ``--batch``), then `VAE.encode` (raw posterior mean and logvar) and `TextEncoders.encode`
-  (no dropout: CFG dropout is applied at load time from ``_empty_prompt.safetensors``);
+  (no dropout: CFG dropout is applied at load time from ``_empty_prompt.safetensors`` with
+  `data_pipeline.cache_format.apply_text_dropout`);
 - each sample becomes ``{key}.safetensors`` (``mean``, ``logvar`` (16, h/8, w/8), ``context``
   (77 + T5_len, 4096), ``pooled`` (2048), all bf16) and ``{key}.json`` (``key``,
   ``source_key``, ``source_url``, ``caption``, ``bucket`` [h, w], ``crop_top_left``
@@ -27,10 +31,12 @@ What it does, per source shard of ``data.shards`` (expanded with `expand_shards`
   place) and a summary is printed at the end.
 
 Rank 0 writes ``DIR/_cache_info.json`` (`CacheInfo`: `conditioning_identity` of the encoders
-and settings, the context layout, dtype) and ``DIR/_empty_prompt.safetensors`` (``context``
-(77 + T5_len, 4096) and ``pooled`` (2048) of the empty prompt, bf16, unbatched like a sample).
-A DIR whose ``_cache_info.json`` records other encoders, settings or layout is refused (exit 2):
-one cache never mixes encoders.
+and settings, the context layout, dtype, and in ``extra["data"]`` the data settings that decide
+a sample's pixels and caption, `data_settings`) and ``DIR/_empty_prompt.safetensors``
+(``context`` (77 + T5_len, 4096) and ``pooled`` (2048) of the empty prompt, bf16, UNBATCHED
+like a sample; `data_pipeline.cache_format.load_empty_prompt` reads it). A DIR whose
+``_cache_info.json`` records other encoders, settings, layout or data settings is refused
+(exit 2): one cache never mixes encoders, resolutions or crops.
 
 Errors a user can fix (no ``data.shards``, a spec matching nothing, missing components, a
 mismatching cache) are one line on stderr and exit code 2.
@@ -41,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import time
 from collections.abc import Sequence
@@ -195,6 +202,27 @@ def make_layout(text: TextEncoders) -> CacheLayout:
     )
 
 
+def data_settings(data: DataConfig) -> dict[str, Any]:
+    """The `data` settings that decide what a cache sample holds (bucket, crop, caption); the
+    seed only matters for random crops. Recorded in CacheInfo.extra["data"]."""
+    return {
+        "resolution": data.resolution,
+        "bucket_multiple": data.bucket_multiple,
+        "max_aspect_ratio": data.max_aspect_ratio,
+        "crop": data.crop,
+        "crop_seed": data.seed if data.crop == "random" else None,
+        "caption": data.caption,
+        "empty_caption": data.empty_caption,
+    }
+
+
+def crop_rng(seed: int, shard_name: str, index: int) -> random.Random:
+    """The RNG of a random crop: seeded by (data.seed, source shard basename, index of the sample
+    in the shard), so a re-run or another rank (wherever the source is mounted) crops the
+    same way."""
+    return random.Random(f"precompute-crop:{seed}:{shard_name}:{index}")
+
+
 def _differences(recorded: Any, current: Any) -> list[str]:
     return [
         f"{key}: cache has {a!r}, this run {b!r}"
@@ -225,8 +253,18 @@ def check_existing(out: Path, info: CacheInfo) -> bool:
     if recorded is None:
         return False
     diffs = _differences(
-        {"identity": recorded.identity, "layout": asdict(recorded.layout), "dtype": recorded.dtype},
-        {"identity": info.identity, "layout": asdict(info.layout), "dtype": info.dtype},
+        {
+            "identity": recorded.identity,
+            "layout": asdict(recorded.layout),
+            "dtype": recorded.dtype,
+            "data": recorded.extra.get("data"),
+        },
+        {
+            "identity": info.identity,
+            "layout": asdict(info.layout),
+            "dtype": info.dtype,
+            "data": info.extra.get("data"),
+        },
     )
     if diffs:
         raise PrecomputeError(_mismatch(out, diffs))
@@ -243,6 +281,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def write_cache_info(out: Path, info: CacheInfo, text: TextEncoders) -> None:
+    """The empty prompt (unbatched: context (L, D), pooled (P,), bf16), then the cache info."""
     import torch
 
     empty = text.encode([""])
@@ -329,13 +368,21 @@ class ShardEncoder:
         try:
             with open(tmp, "wb") as f:
                 writer = wds.TarWriter(f, encoder=False, mtime=0.0)
-                for sample in iter_samples(url, counter):
+                for index, sample in enumerate(iter_samples(url, counter)):
                     try:
                         parsed = parse_sample(
                             sample, caption=data.caption, empty_caption=data.empty_caption
                         )
+                        rng = (
+                            crop_rng(data.seed, dest.name, index) if data.crop == "random" else None
+                        )
                         img, bucket, top_left, original = decode_to_bucket(
-                            parsed["image_bytes"], self.buckets, "center", None, key=parsed["key"]
+                            parsed["image_bytes"],
+                            self.buckets,
+                            data.crop,
+                            rng,
+                            min_side=data.bucket_multiple,
+                            key=parsed["key"],
                         )
                     except BadSample as e:
                         counter.add_bad(e.reason)
@@ -381,11 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Precompute the training cache: VAE posteriors (mean, logvar) and text embeddings "
             "(context, pooled) of every sample of data.shards, in bf16, one cache shard per "
-            "source shard (same name) under --out. Center crops (deterministic); resumable "
+            "source shard (same name) under --out. Crops follow data.crop (random ones seeded by "
+            "data.seed, shard and sample, so re-runs are identical); resumable "
             "(existing cache shards are skipped); shards split over ranks by index."
         ),
         epilog=(
-            "Example: mmdit-precompute --config configs/debug.yaml --out /cache/laion-256 "
+            "Example: mmdit-precompute --config configs/debug_cpu.yaml --out /cache/laion-256 "
             "data.resolution=256.  Under Slurm: srun -n 8 mmdit-precompute ... (rank and world "
             "size come from SLURM_PROCID / SLURM_NTASKS). Then train with data.cache_shards=DIR."
         ),
@@ -452,8 +500,14 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     # Identity first, from the files alone: a mismatch is refused before any weights load.
     recorded = _recorded_info(out)
-    if recorded is not None and recorded.identity != identity:
-        raise PrecomputeError(_mismatch(out, _differences(recorded.identity, identity)))
+    settings = data_settings(data)
+    if recorded is not None:
+        diffs = _differences(
+            {"identity": recorded.identity, "data": recorded.extra.get("data")},
+            {"identity": identity, "data": settings},
+        )
+        if diffs:
+            raise PrecomputeError(_mismatch(out, diffs))
     dtype = torch.float32 if cond.dtype == "fp32" else torch.bfloat16
     t0 = time.perf_counter()
     text = TextEncoders.from_pretrained(
@@ -471,7 +525,12 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         chunk_size=cond.vae_chunk_size,
     )
-    info = CacheInfo(identity=identity, layout=make_layout(text), dtype=CACHE_DTYPE)
+    info = CacheInfo(
+        identity=identity,
+        layout=make_layout(text),
+        dtype=CACHE_DTYPE,
+        extra={"data": settings},
+    )
     out.mkdir(parents=True, exist_ok=True)
     have_info = check_existing(out, info)
     if rank == 0 and not have_info:

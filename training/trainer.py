@@ -192,16 +192,26 @@ class Trainer:
 
     def _build_data(self) -> None:
         data = self.config.data
-        if self.resume_from is not None and self.resume_from.world_size != self.world:
-            # Keep the number of readers, so every reader's stream continues exactly.
+        if self.resume_from is not None:
+            # Keep the checkpoint's number of readers (ranks x workers), so every reader's
+            # stream continues exactly, on this world size too.
             saved = self.resume_from.client_state(0)["loader"]
             readers = int(saved["world_size"]) * int(saved["num_workers"])
             if readers % self.world:
                 raise ValueError(
-                    f"the checkpoint's data stream has {readers} readers, which {self.world} "
-                    "ranks cannot share evenly; resume on a world size that divides it"
+                    f"the checkpoint's data stream has {readers} readers (ranks x "
+                    f"data.num_workers), which {self.world} ranks cannot share evenly; resume "
+                    "on a world size that divides it"
                 )
-            data = replace(data, num_workers=readers // self.world)
+            if max(1, data.num_workers) * self.world != readers:
+                log.warning(
+                    "rank %d: data.num_workers %d -> %d to continue the checkpoint's %d readers",
+                    self.rank,
+                    data.num_workers,
+                    readers // self.world,
+                    readers,
+                )
+                data = replace(data, num_workers=readers // self.world)
         self.data_config = data
         cond = self.config.conditioning
         identity = None
@@ -409,7 +419,11 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         t0 = time.perf_counter()
         path = self.checkpoints.save(
-            self.engine, self.step, self.ema, self._client_state(), dumps_yaml(self.config)
+            self.engine,
+            self.step,
+            self.ema,
+            self._client_state(),
+            dumps_yaml(replace(self.config, data=self.data_config)),
         )
         if self.rank == 0:
             log.info("checkpoint %s written in %.1fs", path, time.perf_counter() - t0)

@@ -20,7 +20,7 @@ from data_pipeline.cache_format import (
 )
 from data_pipeline.config import DataConfig
 from data_pipeline.images import image_to_tensor
-from data_pipeline.precompute import load_config, main
+from data_pipeline.precompute import crop_rng, load_config, main
 from data_pipeline.tar_samples import iter_samples
 from mmdit.conditioning import VAE, TextEncoders, conditioning_identity
 from tests.data_pipeline.image_bytes import encode
@@ -39,10 +39,9 @@ T5_LENGTH = 77
 
 
 @pytest.fixture(scope="module")
-def components(tmp_path_factory):
-    from mmdit.tiny_components import make_tiny_components
-
-    return make_tiny_components(tmp_path_factory.mktemp("components") / "sd3-tiny", seed=0)
+def components(tiny_components) -> Path:
+    """The session's tiny SD3 components (tests/conftest.py)."""
+    return tiny_components
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +199,15 @@ def test_cache_info_and_empty_prompt(cache, components):
     )
     assert info.layout.clip_length == 77 and info.layout.t5_length == T5_LENGTH
     assert info.dtype == "bfloat16"
+    assert info.extra["data"] == {
+        "resolution": 64,
+        "bucket_multiple": 16,
+        "max_aspect_ratio": 2.0,
+        "crop": "center",
+        "crop_seed": None,
+        "caption": "txt",
+        "empty_caption": "skip",
+    }
     text = TextEncoders.from_pretrained(components, t5_max_length=T5_LENGTH)
     assert info.layout.clip_l_dim == text.clip_l.model.config.hidden_size
     assert info.layout.clip_g_dim == text.clip_g.model.config.hidden_size
@@ -267,6 +275,56 @@ def test_other_encoder_settings_are_refused(cache, run_file, capsys):
     assert len(err.splitlines()) == 1
     assert "t5_max_length" in err and "another --out" in err
     assert (cache / CACHE_INFO).read_text() == before
+
+
+def test_other_data_settings_are_refused(cache, run_file, capsys):
+    before = (cache / CACHE_INFO).read_text()
+    capsys.readouterr()
+    for override, key in (
+        ("data.crop=random", "data.crop"),
+        ("data.resolution=128", "data.resolution"),
+        ("data.caption=json:caption", "data.caption"),
+    ):
+        assert precompute(run_file, cache, override) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and key in err and "another --out" in err
+    assert (cache / CACHE_INFO).read_text() == before
+    # the seed does not change centre crops: the cache is accepted (everything skipped)
+    assert precompute(run_file, cache, "data.seed=5") == 0
+    assert "skipped (exists)" in capsys.readouterr().out
+
+
+def test_random_crops_are_seeded_and_reproducible(tmp_path, run_file, source):
+    """data.crop=random: crops drawn from (data.seed, shard, sample index); a re-run split over
+    two ranks writes byte-identical shards; another seed crops differently."""
+    once, split, reseeded = tmp_path / "once", tmp_path / "split", tmp_path / "reseeded"
+    assert precompute(run_file, once, "data.crop=random", "data.seed=3") == 0
+    for rank in ("0", "1"):
+        args = ("--rank", rank, "--world-size", "2")
+        assert precompute(run_file, split, "data.crop=random", "data.seed=3", *args) == 0
+    assert precompute(run_file, reseeded, "data.crop=random", "data.seed=4") == 0
+    assert CacheInfo.load(once).extra["data"]["crop_seed"] == 3
+    buckets = buckets_for(DataConfig(resolution=64))
+    not_centred = 0
+    differs_with_seed = 0
+    for name in source_names(source):
+        assert (once / name).read_bytes() == (split / name).read_bytes()
+        cached = read_cache(once / name)
+        other = read_cache(reseeded / name)
+        for index, src in enumerate(iter_samples(str(source / name))):
+            if src["__key__"] not in cached:
+                continue
+            image_bytes = next(src[e] for e in ("jpg", "png", "webp") if e in src)
+            _, _, top_left, _ = decode_to_bucket(
+                image_bytes, buckets, "random", crop_rng(3, name, index)
+            )
+            _, _, centre, _ = decode_to_bucket(image_bytes, buckets, "center")
+            meta = json.loads(cached[src["__key__"]]["json"])
+            assert meta["crop_top_left"] == list(top_left)
+            not_centred += top_left != centre
+            other_meta = json.loads(other[src["__key__"]]["json"])
+            differs_with_seed += other_meta["crop_top_left"] != meta["crop_top_left"]
+    assert not_centred >= 1 and differs_with_seed >= 1
 
 
 def test_clear_errors(tmp_path, components, source, capsys):

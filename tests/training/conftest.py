@@ -70,20 +70,39 @@ def train_overrides(run_dir: Path, shards: Path, components: Path, **extra) -> l
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def torchrun(nproc: int, args: list[str], *, port: int, timeout: float = 240, **popen):
-    """Start `mmdit-train` under torchrun (a real 2-rank gloo job); returns the Popen."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={port}",
-        "-m",
-        "training.train",
-        *args,
-    ]
+INSTRUMENTED = Path(__file__).with_name("instrumented_train.py")
+_ports = iter(range(29700, 29800))
+
+
+def run_training(
+    nproc: int, args: list[str], *, instruments: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Run `mmdit-train` (with test instruments, see instrumented_train.py) as a real job:
+    torchrun with `nproc` gloo ranks, or one plain process when nproc == 1. Its own session,
+    so an instrumented kill -9 of the job's process group spares pytest."""
+    if nproc == 1:
+        cmd = [sys.executable, str(INSTRUMENTED), *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={next(_ports)}",
+            str(INSTRUMENTED),
+            *args,
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, **popen)
+    env.update(instruments or {})
+    return subprocess.run(
+        cmd,
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def read_metrics(run_dir: Path) -> dict[int, dict]:

@@ -1,0 +1,109 @@
+"""`mmdit-train` with test instruments, switched on by environment variables (never in the
+product code):
+
+- MMDIT_TEST_NAN_AT="STEP:RANK": rank RANK's loss is NaN at (0-based) step STEP;
+  "STEP+:RANK" from STEP on.
+- MMDIT_TEST_DUMP_DIR=DIR: after initialisation and after every step, rank 0 writes the full
+  gathered weights to DIR/weights_{step}.safetensors and whether the update was applied; every
+  rank writes a hash of its local fp32 partitions to DIR/partitions_{step}_rank_{r}.txt.
+- MMDIT_TEST_KILL_AFTER_STEP=STEP: SIGKILL the whole job (kill -9) right after step STEP.
+- MMDIT_TEST_KILL_IN_SAVE_AT=STEP: SIGKILL the whole job while the checkpoint of STEP is being
+  written (after the shards, before the manifest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from training import checkpoint, train
+from training.trainer import Trainer
+
+nan_at = os.environ.get("MMDIT_TEST_NAN_AT")
+dump_dir = os.environ.get("MMDIT_TEST_DUMP_DIR")
+kill_at = os.environ.get("MMDIT_TEST_KILL_IN_SAVE_AT")
+kill_after = os.environ.get("MMDIT_TEST_KILL_AFTER_STEP")
+
+
+def kill_job() -> None:
+    os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+if nan_at:
+    when, nan_rank = nan_at.split(":")
+    nan_step, onwards, nan_rank = int(when.rstrip("+")), when.endswith("+"), int(nan_rank)
+    original_loss = Trainer.compute_loss
+
+    def compute_loss(self, x0, context, pooled, generator):
+        loss, sigma = original_loss(self, x0, context, pooled, generator)
+        hit = self.step >= nan_step if onwards else self.step == nan_step
+        if hit and self.rank == nan_rank:
+            loss = loss * float("nan")
+        return loss, sigma
+
+    Trainer.compute_loss = compute_loss
+
+if dump_dir:
+    import deepspeed
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    out = Path(dump_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def dump(trainer: Trainer, applied: bool | None) -> None:
+        params = dict(trainer.engine.module.named_parameters())
+        digest = hashlib.sha256()
+        for name in sorted(params):
+            digest.update(safe_get_local_fp32_param(params[name]).detach().numpy().tobytes())
+        part = out / f"partitions_{trainer.step}_rank_{trainer.rank}.txt"
+        part.write_text(digest.hexdigest())
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            if trainer.rank == 0:
+                full = {n: p.detach().clone().float().contiguous() for n, p in params.items()}
+                save_file(full, str(out / f"weights_{trainer.step}.safetensors"))
+                meta = {"applied": applied}
+                (out / f"weights_{trainer.step}.json").write_text(json.dumps(meta))
+
+    original_init, original_step = Trainer.__init__, Trainer.train_step
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        dump(self, None)
+
+    def train_step(self, batches):
+        applied = original_step(self, batches)
+        dump(self, applied)
+        return applied
+
+    Trainer.__init__, Trainer.train_step = init, train_step
+
+if kill_at:
+    original_manifest = checkpoint.CheckpointManager._write_manifest
+
+    def write_manifest(self, directory, step, files):
+        if step == int(kill_at):
+            kill_job()
+        original_manifest(self, directory, step, files)
+
+    checkpoint.CheckpointManager._write_manifest = write_manifest
+
+if kill_after:
+    before_kill = Trainer.train_step
+
+    def train_step_then_kill(self, batches):
+        applied = before_kill(self, batches)
+        if self.step == int(kill_after):
+            kill_job()
+        return applied
+
+    Trainer.train_step = train_step_then_kill
+
+if __name__ == "__main__":
+    sys.exit(train.main())
