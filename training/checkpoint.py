@@ -179,7 +179,9 @@ class CheckpointManager:
             if STEP_DIR.match(path.name) and (path / MANIFEST).is_file():
                 try:
                     manifest = json.loads((path / MANIFEST).read_text())
-                    found.append(Checkpoint(path, int(manifest["step"]), int(manifest["world_size"])))
+                    found.append(
+                        Checkpoint(path, int(manifest["step"]), int(manifest["world_size"]))
+                    )
                 except (ValueError, KeyError, OSError) as e:
                     log.warning("unreadable manifest in %s (%s); ignoring it", path, e)
         return sorted(found, key=lambda c: c.step, reverse=True)
@@ -195,7 +197,9 @@ class CheckpointManager:
                 wrong.append(f"{rel} is missing")
                 continue
             if path.stat().st_size != entry["size"]:
-                wrong.append(f"{rel} has {path.stat().st_size} bytes, manifest says {entry['size']}")
+                wrong.append(
+                    f"{rel} has {path.stat().st_size} bytes, manifest says {entry['size']}"
+                )
                 continue
             owner = file_owner(rel)
             # Same layout: a rank reads its own shards. Another layout: rank 0 converts

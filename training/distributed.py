@@ -66,7 +66,9 @@ def _int(environ: Mapping[str, str], name: str) -> int:
     try:
         return int(environ[name])
     except ValueError:
-        raise ValueError(f"environment variable {name}={environ[name]!r} is not an integer") from None
+        raise ValueError(
+            f"environment variable {name}={environ[name]!r} is not an integer"
+        ) from None
 
 
 def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
@@ -171,4 +173,8 @@ def gather_objects(obj) -> list:
 
 def _comm_device() -> torch.device:
     backend = torch.distributed.get_backend()
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if backend == "nccl"
+        else torch.device("cpu")
+    )

@@ -114,7 +114,7 @@ def full_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             shapes = json.loads(f.metadata()["shapes"])
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 parts.setdefault(name, []).append(f.get_tensor(name))
     out = {}
     for name, chunks in parts.items():

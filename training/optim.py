@@ -14,7 +14,6 @@ from torch import nn
 from training.config import TrainConfig
 
 
-
 def no_decay_names(model: nn.Module) -> set[str]:
     """Norm scales and biases (all 1-D), embedding tables and position tables."""
     names = set()
@@ -34,9 +33,31 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if param.requires_grad:
             (no_decay if name in exempt else decay).append(param)
     return [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        {"params": decay, "weight_decay": weight_decay, "name": GROUP_NAMES[0]},
+        {"params": no_decay, "weight_decay": 0.0, "name": GROUP_NAMES[1]},
     ]
+
+
+GROUP_NAMES = ("decay", "no_decay")
+
+
+def repair_after_load(optimizer, train: TrainConfig) -> None:
+    """Undo two side effects of loading a DeepSpeed universal checkpoint (seen with 0.19):
+    it copies group 0's settings onto every group (weight decay included), and it gives all
+    groups one shared `step` tensor, which AdamW then increments once per group per update,
+    so the bias correction of group 1 runs a step ahead. The group settings are rewritten
+    from the config (a resumed run follows its config anyway) and the counters untied."""
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    groups = optimizer.param_groups
+    if len(groups) != len(GROUP_NAMES):
+        raise RuntimeError(f"expected {len(GROUP_NAMES)} param groups, found {len(groups)}")
+    for group, name in zip(groups, GROUP_NAMES, strict=True):
+        group["name"] = name
+        group["weight_decay"] = train.weight_decay if name == "decay" else 0.0
+        group["betas"] = tuple(train.betas)
+        group["eps"] = train.eps
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig, device: torch.device):

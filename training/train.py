@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(parser)
     parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"], help="console verbosity"
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING"],
+        help="console verbosity",
     )
     return parser
 

@@ -40,7 +40,7 @@ from data_pipeline.loader import reshard_state
 from mmdit import flow
 from mmdit.conditioning import conditioning_identity
 from mmdit.flops import approx_train_flops_per_sample, mfu, peak_bf16_flops
-from mmdit.model import MMDiT, JointBlock
+from mmdit.model import JointBlock, MMDiT
 from mmdit.typed_config import dumps_yaml, to_dict
 from training import distributed
 from training.checkpoint import DS_TAG, Checkpoint, CheckpointManager
@@ -49,7 +49,7 @@ from training.ds_config import accumulation_steps, deepspeed_config
 from training.ema import ShardedEMA
 from training.metrics_log import MetricsLogger
 from training.model_inputs import ModelInputs
-from training.optim import build_optimizer, lr_at
+from training.optim import build_optimizer, lr_at, repair_after_load
 
 log = logging.getLogger("mmdit.train")
 
@@ -249,6 +249,7 @@ class Trainer:
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {checkpoint.path / self.load_tag}")
+        repair_after_load(self.engine.optimizer.optimizer, self.train)
         self.ema.load(checkpoint.path)
         if checkpoint.world_size == self.world:
             client = checkpoint.client_state(self.rank)

@@ -20,7 +20,6 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from training import checkpoint, train

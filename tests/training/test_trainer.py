@@ -84,7 +84,7 @@ def test_kill_9_mid_run_then_the_same_command_resumes_on_the_same_curve(
     args = _args(run_dir, digit_shards, tiny_components)
     killed = run_training(2, args, instruments={"MMDIT_TEST_KILL_AFTER_STEP": "5"})
     assert killed.returncode != 0
-    assert max(_losses(run_dir)) == 5  # it got past the step-3 checkpoint, then died
+    assert max(_losses(run_dir)) == 4  # past the step-3 checkpoint; killed before logging 5
     resumed = _ok(run_training(2, args))
     assert "resuming from" in resumed.stderr and "step_00000003" in resumed.stderr
     assert _losses(run_dir) == _losses(reference)
@@ -117,11 +117,10 @@ def test_two_ranks_resume_on_one_with_the_same_global_batch(
     result = _ok(run_training(1, args))  # one plain process: accumulation 2 keeps batch 4
     assert "universal checkpoint" in result.stderr
     expected, got = _losses(reference), _losses(run_dir)
-    for step in (4, 5, 6):
-        # Same samples and noise; only the order of float additions differs (2 ranks
-        # reduce, 1 rank accumulates), which Adam amplifies a little over steps.
-        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6)
-    assert got[4] != expected[3]
+    # Same samples, same noise, same optimizer state: the curve continues exactly (the
+    # issue asks for 1e-5; (a+b)/2 == a/2 + b/2 in floating point, so it is bit-equal).
+    # This also guards the repair of DeepSpeed's universal load (training.optim).
+    assert {s: got[s] for s in (4, 5, 6)} == {s: expected[s] for s in (4, 5, 6)}
 
 
 def test_nan_on_one_rank_skips_the_update_on_all_ranks_and_ema_matches_a_plain_ema(
@@ -139,7 +138,9 @@ def test_nan_on_one_rank_skips_the_update_on_all_ranks_and_ema_matches_a_plain_e
         assert partitions(3, rank) == partitions(2, rank)  # step 3 (index 2) skipped
         assert partitions(2, rank) != partitions(1, rank)
         assert partitions(4, rank) != partitions(3, rank)  # training goes on
-    applied = {s: json.loads((dumps / f"weights_{s}.json").read_text())["applied"] for s in range(1, 6)}
+    applied = {
+        s: json.loads((dumps / f"weights_{s}.json").read_text())["applied"] for s in range(1, 6)
+    }
     assert applied == {1: True, 2: True, 3: False, 4: True, 5: True}
     metrics = read_metrics(run_dir)
     assert metrics[2]["skipped_steps"] == 0 and metrics[3]["skipped_steps"] == 1
@@ -157,7 +158,9 @@ def test_nan_on_one_rank_skips_the_update_on_all_ranks_and_ema_matches_a_plain_e
     assert sharded.keys() == ema.keys()
     for name, value in ema.items():
         torch.testing.assert_close(sharded[name], value, rtol=0, atol=1e-6, msg=name)
-    assert any(not torch.equal(sharded[n], load_file(str(dumps / "weights_5.safetensors"))[n]) for n in ema)
+    assert any(
+        not torch.equal(sharded[n], load_file(str(dumps / "weights_5.safetensors"))[n]) for n in ema
+    )
 
 
 def test_consecutive_non_finite_steps_abort_with_the_batch_keys(
