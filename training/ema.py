@@ -122,3 +122,27 @@ def full_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
         numel = int(torch.Size(shape).numel())
         out[name] = torch.cat(chunks)[:numel].reshape(shape)
     return out
+
+
+def gather_full(ema: ShardedEMA) -> dict[str, torch.Tensor] | None:
+    """Collective: the whole EMA as full fp32 CPU tensors on rank 0 (None elsewhere), one
+    parameter at a time so no rank holds more than one full tensor beyond rank 0's copy."""
+    import torch.distributed as dist
+
+    if ema.world == 1 or not dist.is_initialized():
+        return {
+            name: shard[: _numel(ema.shapes[name])].reshape(ema.shapes[name]).cpu().clone()
+            for name, shard in ema.shadow.items()
+        }
+    out: dict[str, torch.Tensor] = {}
+    for name, shard in ema.shadow.items():
+        parts = [torch.empty_like(shard) for _ in range(ema.world)]
+        dist.all_gather(parts, shard.contiguous())
+        if ema.rank == 0:
+            shape = ema.shapes[name]
+            out[name] = torch.cat(parts)[: _numel(shape)].reshape(shape).cpu()
+    return out if ema.rank == 0 else None
+
+
+def _numel(shape) -> int:
+    return int(torch.Size(shape).numel())

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING"],
         help="console verbosity",
     )
+    # The `deepspeed` launcher appends --local_rank=N; the rank comes from LOCAL_RANK anyway.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser
 
 

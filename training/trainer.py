@@ -154,6 +154,11 @@ class Trainer:
             run_name=self.run_dir.name,
             config=to_dict(self.config),
         )
+        self.previewer = None
+        if self.train.preview_every:
+            from training.preview import Previewer
+
+            self.previewer = Previewer(self.config, self.inputs.vae, self.device, self.rank)
         self._reset_log_window()
 
     # -- set-up -------------------------------------------------------------------------------
@@ -457,6 +462,10 @@ class Trainer:
             self.train_step(batches)
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 self._log()
+            if self.previewer is not None and self.step % t.preview_every == 0:
+                t0 = time.perf_counter()
+                self.previewer.render(self.ema, self.step)
+                self.window_start += time.perf_counter() - t0  # not training time
             requested = self._checkpoint_requested()
             if requested or self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
                 self.save_checkpoint()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from tests.training.conftest import read_metrics, run_training, train_overrides
@@ -52,7 +53,10 @@ def _losses(run_dir: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, digit_shards, tiny_components) -> Path:
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    _ok(run_training(2, _args(run_dir, digit_shards, tiny_components)))
+    # Previews on: the runs compared against this one have none, so equal curves also show
+    # that a preview does not disturb training.
+    args = _args(run_dir, digit_shards, tiny_components, train__preview_every=4)
+    _ok(run_training(2, args))
     return run_dir
 
 
@@ -75,6 +79,10 @@ def test_reference_run_trains_and_publishes_checkpoints(reference):
     assert row["bad_samples"]["good"] > 0 and 0.0 <= row["data_wait_frac"] <= 1.0
     assert row["samples_per_s"] > 0 and row["loss_by_sigma"]
     assert (reference / "tensorboard").is_dir()
+    previews = sorted(p.name for p in (reference / "previews").iterdir())
+    assert previews == ["step_00000004.png", "step_00000008.png"]
+    with Image.open(reference / "previews" / "step_00000008.png") as grid:
+        assert grid.size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)  # 4 prompts, 2x2, padding 2
 
 
 def test_kill_9_mid_run_then_the_same_command_resumes_on_the_same_curve(

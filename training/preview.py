@@ -1,0 +1,75 @@
+"""Preview grids during training: fixed prompts, fixed seed, EMA weights, on rank 0.
+
+The prompts are encoded once at start (the text encoders are then freed, so a run that reads
+cached embeddings does not keep them resident); each preview gathers the sharded EMA into a
+plain MMDiT on rank 0 and samples with the eval section's steps, CFG scale and shift, so
+consecutive grids show the same noise becoming images.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from mmdit.conditioning import VAE, TextEncoders
+from mmdit.model import MMDiT
+from mmdit.sampling import generate, image_grid, save_png
+from training.config import RunConfig
+from training.ema import ShardedEMA, gather_full
+from training.model_inputs import DTYPES
+
+log = logging.getLogger(__name__)
+
+
+class Previewer:
+    def __init__(self, config: RunConfig, vae: VAE, device: torch.device, rank: int):
+        self.config, self.vae, self.device, self.rank = config, vae, device, rank
+        self.out_dir = Path(config.train.run_dir) / "previews"
+        if rank != 0:
+            return
+        cond = config.conditioning
+        encoders = TextEncoders.from_pretrained(
+            cond.components,
+            paths=cond.paths(),
+            use_t5=cond.use_t5,
+            t5_max_length=cond.t5_max_length,
+            dtype=DTYPES[cond.dtype],
+            device=device,
+        )
+        prompts = list(config.train.preview_prompts)
+        self.text = encoders.encode(prompts)
+        self.negative = encoders.encode([""])
+        del encoders
+
+    def render(self, ema: ShardedEMA, step: int) -> Path | None:
+        """Collective (every rank calls it); rank 0 writes previews/step_XXXXXXXX.png."""
+        weights = gather_full(ema)
+        if self.rank != 0:
+            return None
+        model = MMDiT(self.config.model, initialize=False)
+        state = model.state_dict()
+        state.update(weights)
+        model.load_state_dict(state)
+        model.to(self.device).eval()
+        ev = self.config.eval
+        size = self.config.data.resolution
+        images = generate(
+            model,
+            self.vae,
+            self.text.context.float(),
+            self.text.pooled.float(),
+            neg_context=self.negative.context.float(),
+            neg_pooled=self.negative.pooled.float(),
+            height=size,
+            width=size,
+            seed=self.config.train.preview_seed,
+            steps=ev.sample_steps,
+            cfg_scale=ev.cfg_scale,
+            shift=ev.shift,
+            device=self.device,
+        )
+        path = save_png(image_grid(images), self.out_dir / f"step_{step:08d}.png")
+        log.info("preview %s", path)
+        return path
