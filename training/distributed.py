@@ -53,13 +53,18 @@ def first_host(nodelist: str) -> str:
             return out[0]
     except (OSError, subprocess.SubprocessError):
         pass
-    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if head is None:
+    # The first host expression: up to the first comma outside brackets; then every bracket
+    # group (`[003-005,007]`) is replaced by its first member (`003`).
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            end = i
+            break
+    head = nodelist[:end].strip()
+    if not head or head.startswith("[") or depth < 0:
         raise ValueError(f"cannot parse the Slurm node list {nodelist!r}")
-    prefix, _, ranges = head.groups()
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    return re.sub(r"\[([^\]]+)\]", lambda m: m.group(1).split(",")[0].split("-")[0], head)
 
 
 def _int(environ: Mapping[str, str], name: str) -> int:

@@ -80,8 +80,10 @@ def run_training(
     """Run `mmdit-train` (with test instruments, see instrumented_train.py) as a real job:
     torchrun with `nproc` gloo ranks, or one plain process when nproc == 1. Its own session,
     so an instrumented kill -9 of the job's process group spares pytest."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     if nproc == 1:
         cmd = [sys.executable, str(INSTRUMENTED), *args]
+        env["MASTER_PORT"] = str(next(_ports))  # a single process still opens a group
     else:
         cmd = [
             sys.executable,
@@ -92,7 +94,6 @@ def run_training(
             str(INSTRUMENTED),
             *args,
         ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.update(instruments or {})
     return subprocess.run(
         cmd,

@@ -1,0 +1,188 @@
+"""mmdit-export on a real checkpoint: one single-process DeepSpeed ZeRO-3 run (fp32) per module,
+then every format exported in-process and checked numerically."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from mmdit import convert
+from mmdit.model import MMDiT
+from tests.mmdit.tiny_mmdit import inputs
+from tests.training.conftest import run_training, train_overrides
+from training import ema as ema_mod
+from training.export import (
+    ExportError,
+    consolidated_state_dict,
+    load_run_config,
+    load_safetensors,
+    main,
+    resolve_checkpoint,
+)
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, digit_shards, tiny_components) -> Path:
+    run = tmp_path_factory.mktemp("export") / "run"
+    overrides = {
+        "train.max_steps": 3,
+        "train.checkpoint_every": 2,  # checkpoints at steps 2 and 3 (the last)
+        "train.precision": "fp32",
+        "train.lr": 1e-2,  # move the zero-initialised output layers well away from zero
+    }
+    args = [
+        "--config",
+        "configs/debug_cpu.yaml",
+        *train_overrides(run, digit_shards, tiny_components, **overrides),
+    ]
+    result = run_training(1, args)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    return run
+
+
+@pytest.fixture(scope="module")
+def step3(run_dir) -> Path:
+    return run_dir / "checkpoints" / "step_00000003"
+
+
+@pytest.fixture(scope="module")
+def zero_weights(step3) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(step3), tag="ds"))
+
+
+def export(*args) -> None:
+    assert main([str(a) for a in args]) == 0
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+
+
+def test_raw_safetensors_equals_consolidated_zero_weights(run_dir, step3, zero_weights, tmp_path):
+    out = tmp_path / "w.safetensors"
+    export("--checkpoint", run_dir, "--format", "safetensors", "--out", out)  # run dir: latest
+    config, sd = load_safetensors(out)
+    assert config == load_run_config(step3).model
+    assert_same_tensors(sd, zero_weights)
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["mmdit_step"] == "3" and meta["mmdit_weights"] == "raw"
+    assert not list(tmp_path.glob(".*tmp*"))  # the temporary name is gone
+
+
+def test_diffusers_export_matches_our_model(run_dir, zero_weights, tmp_path, capsys):
+    from diffusers import SD3Transformer2DModel
+
+    out = tmp_path / "transformer"
+    export("--checkpoint", f"{run_dir}:3", "--format", "diffusers", "--out", out)
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "diffusion_pytorch_model.safetensors" in printed
+
+    config = load_run_config(run_dir / "checkpoints" / "step_00000003").model
+    ours = MMDiT(config)
+    ours.load_state_dict(zero_weights)
+    theirs, info = SD3Transformer2DModel.from_pretrained(out, output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    assert info["mismatched_keys"] == []
+    latents, sigma, ctx, pooled = inputs(config)
+    with torch.no_grad():
+        a = ours.eval()(latents, sigma, ctx, pooled)
+        b = theirs.eval()(
+            hidden_states=latents,
+            encoder_hidden_states=ctx,
+            pooled_projections=pooled,
+            timestep=sigma * 1000,
+        ).sample
+    assert a.abs().max() > 0.05  # a (near) zero output would prove nothing
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def test_ema_export_equals_ema_shards(run_dir, step3, zero_weights, tmp_path):
+    out = tmp_path / "ema.safetensors"
+    export("--checkpoint", step3, "--format", "safetensors", "--ema", "--out", out)
+    _, sd = load_safetensors(out)
+    expected = ema_mod.full_state_dict(step3)
+    assert "pos_embed" not in expected  # the EMA holds parameters only: the export adds it
+    assert sorted(sd) == sorted(zero_weights)
+    assert_same_tensors({k: sd[k] for k in expected}, expected)
+    torch.testing.assert_close(sd["pos_embed"], zero_weights["pos_embed"], atol=1e-6, rtol=0)
+    assert any(not torch.equal(sd[k], zero_weights[k]) for k in expected)  # EMA != weights
+
+
+def test_sd3_single_file_loads_back_through_convert(run_dir, zero_weights, tmp_path):
+    out = tmp_path / "sd3.safetensors"
+    export("--checkpoint", f"{run_dir}/step_00000003", "--format", "sd3", "--out", out)
+    tensors = load_file(str(out))
+    assert all(k.startswith(convert.SINGLE_FILE_PREFIX) for k in tensors)
+    config = load_run_config(run_dir / "checkpoints" / "step_00000003").model
+    loaded_cfg, sd = convert.from_sd3_single_file(tensors, sample_size=config.sample_size)
+    assert loaded_cfg == config
+    assert_same_tensors(sd, zero_weights)
+
+
+def test_bf16_and_step_forms(run_dir, zero_weights, tmp_path):
+    out = tmp_path / "bf16.safetensors"
+    export("--checkpoint", f"{run_dir}/2", "--format", "safetensors", "--dtype", "bf16",
+           "--out", out)  # fmt: skip
+    _, sd = load_safetensors(out)
+    assert {v.dtype for v in sd.values()} == {torch.bfloat16}
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["mmdit_step"] == "2"
+    step2 = consolidated_state_dict(run_dir / "checkpoints" / "step_00000002")
+    assert_same_tensors(sd, {k: v.to(torch.bfloat16) for k, v in step2.items()})
+
+    # An existing output is replaced only when asked.
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(run_dir), "--format", "safetensors", "--out", str(out)])
+    assert e.value.code == 2
+    export("--checkpoint", run_dir, "--format", "safetensors", "--out", out, "--overwrite")
+    assert_same_tensors(load_safetensors(out)[1], zero_weights)
+
+
+def test_checkpoint_forms_and_errors(run_dir, step3, tmp_path, capsys):
+    root = run_dir / "checkpoints"
+    step2 = root / "step_00000002"
+    assert resolve_checkpoint(run_dir) == step3
+    assert resolve_checkpoint(root) == step3
+    assert resolve_checkpoint(f"{run_dir}:2") == step2
+    assert resolve_checkpoint(f"{run_dir}/2") == step2
+    assert resolve_checkpoint(f"{run_dir}/step_00000002") == step2
+    assert resolve_checkpoint(step2) == step2
+
+    with pytest.raises(ExportError, match=r"step 7 .*available steps in .*: 2, 3"):
+        resolve_checkpoint(f"{run_dir}:7")
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", f"{run_dir}/7", "--format", "sd3", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "step_00000007" in err and "available steps" in err and "2, 3" in err
+    with pytest.raises(ExportError, match="neither a run directory"):
+        resolve_checkpoint(tmp_path / "nothing-here")
+
+    # A damaged shard is reported, not exported.
+    manifest = json.loads((step3 / "manifest.json").read_text())
+    ema_name = next(n for n in manifest["files"] if n.startswith("ema_rank_"))
+    damaged = tmp_path / "damaged"
+    (damaged / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step3, damaged / "checkpoints" / step3.name)
+    (damaged / "checkpoints" / "latest").write_text(step3.name + "\n")
+    with open(damaged / "checkpoints" / step3.name / ema_name, "ab") as f:
+        f.write(b"x")
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(damaged), "--format", "sd3", "--ema", "--out",
+              str(tmp_path / "y")])  # fmt: skip
+    assert "damaged" in capsys.readouterr().err
