@@ -466,7 +466,10 @@ class Trainer:
                 t0 = time.perf_counter()
                 self.previewer.render(self.ema, self.step)
                 self.window_start += time.perf_counter() - t0  # not training time
-            requested = self._checkpoint_requested()
+            # Signals and CHECKPOINT_NOW are agreed on at log steps only: the agreement is a
+            # collective whose result the host must read.
+            log_step = self.step % t.log_every == 0 or self.step == t.max_steps
+            requested = log_step and self._checkpoint_requested()
             if requested or self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
                 self.save_checkpoint()
                 last_saved = self.step

@@ -7,6 +7,8 @@ product code):
   gathered weights to DIR/weights_{step}.safetensors and whether the update was applied; every
   rank writes a hash of its local fp32 partitions to DIR/partitions_{step}_rank_{r}.txt.
 - MMDIT_TEST_KILL_AFTER_STEP=STEP: SIGKILL the whole job (kill -9) right after step STEP.
+- MMDIT_TEST_SIGNAL_AFTER_STEP=STEP: every rank sends itself SIGUSR2 right after step STEP
+  (what Slurm's --signal=USR2@LEAD does before a time limit).
 - MMDIT_TEST_KILL_IN_SAVE_AT=STEP: SIGKILL the whole job while the checkpoint of STEP is being
   written (after the shards, before the manifest).
 """
@@ -103,6 +105,18 @@ if kill_after:
         return applied
 
     Trainer.train_step = train_step_then_kill
+
+signal_after = os.environ.get("MMDIT_TEST_SIGNAL_AFTER_STEP")
+if signal_after:
+    before_signal = Trainer.train_step
+
+    def train_step_then_signal(self, batches):
+        applied = before_signal(self, batches)
+        if self.step == int(signal_after):
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return applied
+
+    Trainer.train_step = train_step_then_signal
 
 if __name__ == "__main__":
     sys.exit(train.main())

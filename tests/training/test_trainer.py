@@ -114,6 +114,22 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_checkpoint(
     assert _losses(run_dir) == _losses(reference)
 
 
+def test_usr2_checkpoints_on_all_ranks_exits_and_the_rerun_continues_the_curve(
+    tmp_path, reference, digit_shards, tiny_components
+):
+    run_dir = tmp_path / "run"
+    args = _args(run_dir, digit_shards, tiny_components)
+    stopped = run_training(2, args, instruments={"MMDIT_TEST_SIGNAL_AFTER_STEP": "4"})
+    assert stopped.returncode != 0  # each rank exits 3 ("resubmit me"); torchrun reports it
+    assert "stopping at step 4 on a signal" in stopped.stderr
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_00000004"  # not a periodic one
+    manifest = json.loads((checkpoints / "step_00000004" / "manifest.json").read_text())
+    assert {"client_rank_00000.json", "client_rank_00001.json"} <= set(manifest["files"])
+    _ok(run_training(2, args))
+    assert _losses(run_dir) == _losses(reference)
+
+
 def test_two_ranks_resume_on_one_with_the_same_global_batch(
     tmp_path, reference, digit_shards, tiny_components
 ):
