@@ -94,7 +94,10 @@ class TrainConfig:
 @dataclass(frozen=True)
 class LaunchConfig:
     nodes: int = 1
+    # One training task (rank) per GPU; with gpus=false the same number of CPU-only tasks
+    # per node is started and no GPUs are requested (CPU clusters, the local test cluster).
     gpus_per_node: int = 1
+    gpus: bool = True
     partition: str = ""
     account: str = ""
     qos: str = ""

@@ -111,7 +111,11 @@ def init(dist_env: DistEnv, timeout_s: int = 1800) -> torch.device:
         RANK=str(dist_env.rank),
         WORLD_SIZE=str(dist_env.world_size),
         LOCAL_RANK=str(dist_env.local_rank),
-        LOCAL_SIZE=os.environ.get("LOCAL_SIZE", str(dist_env.world_size)),
+        # Ranks on this node (DeepSpeed's CPU accelerator sizes its shared-memory ops by it).
+        LOCAL_SIZE=os.environ.get("LOCAL_SIZE")
+        or os.environ.get("LOCAL_WORLD_SIZE")
+        or os.environ.get("SLURM_NTASKS_PER_NODE")
+        or str(dist_env.world_size),
         MASTER_ADDR=dist_env.master_addr,
         MASTER_PORT=str(dist_env.master_port),
     )

@@ -1,0 +1,250 @@
+"""`mmdit-submit`: run mmdit-train (or mmdit-precompute) as a Slurm job through submitit.
+
+    mmdit-submit --config configs/d24_512px.yaml --nodes 8 --gpus-per-node 8 \\
+        --partition gpu --account myproj --time 72:00:00
+    mmdit-submit --config configs/d24_512px.yaml --dry-run         # check, submit nothing
+    mmdit-submit --config configs/d24_512px.yaml --emit-sbatch train.sbatch   # plain sbatch
+    mmdit-submit --job precompute --config configs/d24_512px.yaml --out /cache/512 --nodes 4
+
+The run file's `launch` section holds the defaults; flags override them. One task per GPU;
+ranks, world size and the rendezvous come from Slurm's variables. The job asks for USR2
+`launch.signal_lead_s` seconds before its time limit: the trainer checkpoints on all ranks at
+the next log step, the job requeues itself (at most `launch.max_requeues` times) and the new
+allocation resumes from that checkpoint. Logs and submitit's files go to RUN_DIR/slurm/.
+
+Everything is checked before submission: the config, the partition (`sinfo`), the whole
+request (`sbatch --test-only`), and that the run directory is not in use by a live job or
+holding a run of another model. `--dry-run` runs the same checks and prints the request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from mmdit.typed_config import add_config_arguments, config_from_args, load, to_dict
+from slurm.request import Request, SubmitError, slurm_available, validate, with_flags
+from training.config import RunConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATES = Path(__file__).with_name("templates")
+SUBMISSION = "submission.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    doc = __doc__.split("\n\n")
+    parser = argparse.ArgumentParser(
+        prog="mmdit-submit",
+        description=doc[0],
+        epilog="\n\n".join(doc[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--job", choices=["train", "precompute"], default="train")
+    parser.add_argument("--out", help="precompute only: the cache directory to write")
+    res = parser.add_argument_group("resources (default: the run file's launch section)")
+    res.add_argument("--nodes", type=int)
+    res.add_argument("--gpus-per-node", type=int, help="one task (rank) per GPU")
+    res.add_argument("--cpu", action="store_true", help="CPU tasks: request no GPUs")
+    res.add_argument("--partition")
+    res.add_argument("--account")
+    res.add_argument("--qos")
+    res.add_argument("--time", help="[D-]HH:MM:SS, e.g. 72:00:00")
+    res.add_argument("--constraint")
+    res.add_argument("--mem", help="per node, e.g. 480G")
+    res.add_argument("--cpus-per-task", type=int)
+    res.add_argument("--exclusive", action="store_true", default=None)
+    res.add_argument("--signal-lead", type=int, dest="signal_lead_s", help="seconds")
+    res.add_argument("--max-requeues", type=int)
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--dry-run", action="store_true", help="check and print; submit nothing")
+    what.add_argument(
+        "--emit-sbatch", metavar="FILE", help="write a plain sbatch script ('-' = stdout)"
+    )
+    return parser
+
+
+# -- the run directory -------------------------------------------------------------------------
+
+
+def job_is_alive(job_id: str) -> bool:
+    out = subprocess.run(
+        ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60
+    )
+    return out.returncode == 0 and bool(out.stdout.strip())
+
+
+def check_run_dir(run_dir: Path, config: RunConfig) -> None:
+    """Refuse a run directory that a live job is using or that holds another model's run."""
+    record = run_dir / "slurm" / SUBMISSION
+    if record.is_file() and slurm_available():
+        previous = json.loads(record.read_text())
+        if job_is_alive(str(previous["job_id"])):
+            raise SubmitError(
+                f"train.run_dir {run_dir} is in use by job {previous['job_id']} (still queued "
+                "or running); wait for it, `scancel` it, or choose another train.run_dir"
+            )
+    latest = run_dir / "checkpoints" / "latest"
+    if latest.is_file():
+        saved = run_dir / "checkpoints" / latest.read_text().strip() / "config.yaml"
+        if saved.is_file():
+            theirs = load(RunConfig, saved).model
+            if theirs != config.model:
+                differing = sorted(
+                    k for k, v in asdict(theirs).items() if asdict(config.model)[k] != v
+                )
+                raise SubmitError(
+                    f"train.run_dir {run_dir} holds a run of another model (differs in "
+                    f"{', '.join(differing)}); resuming it with this config would not work: "
+                    "choose another train.run_dir"
+                )
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+
+def job_argv(args: argparse.Namespace) -> list[str]:
+    argv = ["--config", str(Path(args.config).resolve()), *args.overrides]
+    if args.job == "precompute":
+        argv[2:2] = ["--out", str(Path(args.out).resolve())]
+    return argv
+
+
+def render_sbatch(args: argparse.Namespace, request: Request, log_dir: Path) -> str:
+    template = (TEMPLATES / f"{args.job}.sbatch").read_text()
+    values = {
+        "SBATCH_LINES": "\n".join(request.sbatch_lines()),
+        "LOG_DIR": str(log_dir),
+        "REPO": shlex.quote(str(REPO)),
+        "PYTHON": shlex.quote(sys.executable),
+        "CONFIG": shlex.quote(str(Path(args.config).resolve())),
+        "OVERRIDES": " ".join(shlex.quote(o) for o in args.overrides),
+        "MAX_REQUEUES": str(request.launch.max_requeues),
+        "SIGNAL_LEAD": str(request.launch.signal_lead_s),
+        "OUT": shlex.quote(str(Path(args.out).resolve())) if args.out else "",
+    }
+    for key, value in values.items():
+        template = template.replace(f"@@{key}@@", value)
+    return template
+
+
+def describe(request: Request, argv: list[str], job: str) -> str:
+    la = request.launch
+    lines = [
+        f"job:        mmdit-{job} ({request.job_name})",
+        f"nodes:      {la.nodes} x {request.tasks_per_node} task(s) = world size "
+        f"{request.world_size}",
+        f"per task:   {la.cpus_per_task} CPU(s)" + (", 1 GPU" if la.gpus else ", no GPU"),
+        f"time:       {la.time} ({request.minutes} min); USR2 {la.signal_lead_s} s before the "
+        f"limit; at most {la.max_requeues} requeues",
+        "slurm:      " + " ".join(request.sbatch_lines()).replace("#SBATCH ", ""),
+        f"each task:  mmdit-{job} " + " ".join(shlex.quote(a) for a in argv),
+    ]
+    return "\n".join(lines)
+
+
+# -- submission --------------------------------------------------------------------------------
+
+
+def submit(args, request: Request, argv: list[str], log_dir: Path):
+    import submitit
+
+    from slurm.tasks import PrecomputeTask, TrainTask
+
+    la = request.launch
+    executor = submitit.SlurmExecutor(folder=log_dir / "%j", max_num_timeout=la.max_requeues)
+    params = dict(
+        job_name=request.job_name,
+        nodes=la.nodes,
+        ntasks_per_node=request.tasks_per_node,
+        cpus_per_task=la.cpus_per_task,
+        time=request.minutes,
+        signal_delay_s=la.signal_lead_s,
+        additional_parameters={"requeue": True},
+    )
+    if la.gpus:
+        params["gpus_per_node"] = la.gpus_per_node
+    for name in ("partition", "account", "qos", "constraint", "mem"):
+        if getattr(la, name):
+            params[name] = getattr(la, name)
+    if la.exclusive:
+        params["exclusive"] = True
+    executor.update_parameters(**params)
+    task = (
+        TrainTask(tuple(argv), la.max_requeues)
+        if args.job == "train"
+        else PrecomputeTask(tuple(argv))
+    )
+    return executor.submit(task)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    config = config_from_args(RunConfig, args, parser)
+    if args.job == "precompute" and not args.out:
+        parser.error("--job precompute needs --out DIR (the cache directory)")
+    launch = with_flags(
+        config.launch,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        gpus=False if args.cpu else None,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        time=args.time,
+        constraint=args.constraint,
+        mem=args.mem,
+        cpus_per_task=args.cpus_per_task,
+        exclusive=args.exclusive,
+        signal_lead_s=args.signal_lead_s,
+        max_requeues=args.max_requeues,
+    )
+    run_dir = Path(config.train.run_dir if args.job == "train" else args.out).resolve()
+    request = Request(launch, job_name=f"mmdit-{args.job}-{run_dir.name}")
+    request.minutes  # noqa: B018 (validates launch.time)
+    argv = job_argv(args)
+    log_dir = run_dir / "slurm"
+    script = render_sbatch(args, request, log_dir)
+    if args.emit_sbatch:
+        if args.emit_sbatch == "-":
+            sys.stdout.write(script)
+        else:
+            Path(args.emit_sbatch).write_text(script)
+            print(f"wrote {args.emit_sbatch}; submit it with: sbatch {args.emit_sbatch}")
+        return 0
+    if args.job == "train":
+        check_run_dir(run_dir, config)
+    verdict = validate(request, script)
+    print(describe(request, argv, args.job))
+    if args.dry_run:
+        print(f"dry run: nothing submitted. Slurm says: {verdict}")
+        return 0
+    log_dir.mkdir(parents=True, exist_ok=True)
+    job = submit(args, request, argv, log_dir)
+    record = {"job_id": job.job_id, "job": args.job, "config": to_dict(config)}
+    (log_dir / SUBMISSION).write_text(json.dumps(record, indent=1))
+    out = log_dir / job.job_id
+    print(f"submitted job {job.job_id}")
+    print(f"logs:       {out}/{job.job_id}_<task>_log.out / .err (task 0 = rank 0)")
+    print(f"follow:     tail -f {out}/{job.job_id}_0_log.err    squeue -j {job.job_id}")
+    if args.job == "train":
+        print(f"metrics:    {run_dir}/metrics.jsonl   tensorboard --logdir {run_dir}/tensorboard")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args, parser)
+    except SubmitError as e:
+        print(f"mmdit-submit: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""mmdit-submit's rendering and refusals that need no cluster."""
+
+from __future__ import annotations
+
+import pytest
+
+from slurm import requeue
+from slurm.request import SubmitError, time_to_minutes
+from slurm.submit import main
+from training import trainer
+
+
+def _emit(capsys, *flags: str) -> str:
+    assert main(["--config", "configs/d24_512px.yaml", *flags, "--emit-sbatch", "-"]) == 0
+    return capsys.readouterr().out
+
+
+def test_multi_node_sbatch_has_the_request_signal_and_srun_line(capsys):
+    script = _emit(
+        capsys,
+        "--nodes", "4", "--gpus-per-node", "8", "--partition", "h100", "--account", "proj",
+        "--qos", "high", "--time", "2-00:00:00", "--constraint", "ib", "--mem", "480G",
+        "--cpus-per-task", "12", "--signal-lead", "300", "--max-requeues", "7",
+        "train.lr=2e-4",
+    )  # fmt: skip
+    lines = script.splitlines()
+    for expected in (
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --cpus-per-task=12",
+        "#SBATCH --partition=h100",
+        "#SBATCH --account=proj",
+        "#SBATCH --qos=high",
+        "#SBATCH --constraint=ib",
+        "#SBATCH --mem=480G",
+        "#SBATCH --time=2-00:00:00",
+        "#SBATCH --signal=USR2@300",
+        "#SBATCH --requeue",
+        "#SBATCH --exclusive",  # from the run file's launch section
+    ):
+        assert expected in lines, expected
+    srun = next(line for line in lines if line.startswith("srun "))
+    command = lines[lines.index(srun) + 1]
+    assert "--kill-on-bad-exit=1" in srun and "%j_%t.err" in srun
+    assert "-m training.train --config" in command and "configs/d24_512px.yaml" in command
+    assert "train.lr=2e-4" in command
+    assert "--max-requeues 7" in script and "slurm.requeue" in script
+    assert script.index("#SBATCH --nodes") < script.index("srun ")
+
+
+def test_cpu_tasks_request_no_gpus(capsys):
+    script = _emit(capsys, "--cpu", "--gpus-per-node", "2")
+    assert "#SBATCH --ntasks-per-node=2" in script and "--gpus-per-node" not in script
+
+
+def test_precompute_script_passes_the_output_directory(capsys, tmp_path):
+    out = tmp_path / "cache"
+    script = _emit(capsys, "--job", "precompute", "--out", str(out), "--nodes", "2")
+    assert "-m data_pipeline.precompute --config" in script and f"--out {out}" in script
+
+
+def test_precompute_without_out_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["--job", "precompute", "--config", "configs/d24_512px.yaml", "--dry-run"])
+    assert "--out" in capsys.readouterr().err
+
+
+def test_missing_config_is_refused_with_its_name(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--config", "configs/nope.yaml", "--dry-run"])
+    assert info.value.code == 2 and "nope.yaml" in capsys.readouterr().err
+
+
+def test_bad_resources_are_refused_before_slurm(capsys):
+    assert main(["--config", "configs/d24_512px.yaml", "--nodes", "0", "--dry-run"]) == 2
+    assert "nodes" in capsys.readouterr().err
+    assert main(["--config", "configs/d24_512px.yaml", "--time", "3 days", "--dry-run"]) == 2
+    assert "[D-]HH:MM:SS" in capsys.readouterr().err
+
+
+def test_dry_run_without_slurm_says_where_to_run(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, no sinfo
+    assert main(["--config", "configs/d24_512px.yaml", "--dry-run"]) == 2
+    assert "sbatch/sinfo not found" in capsys.readouterr().err
+
+
+def test_time_parsing():
+    assert time_to_minutes("72:00:00") == 72 * 60
+    assert time_to_minutes("1-02:03:04") == 26 * 60 + 4  # 4 s round up to a minute
+    assert time_to_minutes("90") == 90
+    with pytest.raises(ValueError):
+        time_to_minutes("1h")
+    assert issubclass(SubmitError, ValueError)
+
+
+def test_requeue_and_trainer_agree_on_the_preempted_status():
+    assert requeue.EXIT_PREEMPTED == trainer.EXIT_PREEMPTED
+
+
+def test_requeue_limit_stops_with_the_reason(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    with pytest.raises(RuntimeError, match="requeued 3 times"):
+        requeue.requeue_or_stop(3, is_main=True)
+    assert requeue.main(["--exit-code", "3", "--max-requeues", "3"]) == 1
+    assert requeue.main(["--exit-code", "0", "--max-requeues", "3"]) == 0
+    assert requeue.main(["--exit-code", "5", "--max-requeues", "3"]) == 5
