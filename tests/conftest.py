@@ -30,3 +30,22 @@ def tiny_components(tmp_path_factory):
     from mmdit.tiny_components import make_tiny_components
 
     return make_tiny_components(tmp_path_factory.mktemp("components") / "sd3-tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def digit_shards(tmp_path_factory):
+    """8 shards x 16 scikit-learn digits (32 px, square: one bucket at resolution 32)."""
+    from sklearn.datasets import load_digits
+
+    from tests.data_pipeline.conftest import make_tar
+    from tests.training.conftest import digit_members
+
+    digits = load_digits()
+    root = tmp_path_factory.mktemp("digit_shards")
+    per_shard = 16
+    for s in range(8):
+        members = []
+        for i in range(s * per_shard, (s + 1) * per_shard):
+            members += digit_members(i, digits.images[i], int(digits.target[i]))
+        (root / f"{s:06d}.tar").write_bytes(make_tar(members))
+    return root

@@ -11,10 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
-
-from tests.data_pipeline.conftest import make_tar
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -32,22 +29,6 @@ def digit_members(index: int, image: np.ndarray, label: int) -> list[tuple[str, 
         (f"{key}.txt", f"a handwritten digit {WORDS[label]}".encode()),
         (f"{key}.json", json.dumps(meta).encode()),
     ]
-
-
-@pytest.fixture(scope="session")
-def digit_shards(tmp_path_factory) -> Path:
-    """8 shards x 16 digits (32 px, square: one bucket at resolution 32)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    root = tmp_path_factory.mktemp("digit_shards")
-    per_shard = 16
-    for s in range(8):
-        members = []
-        for i in range(s * per_shard, (s + 1) * per_shard):
-            members += digit_members(i, digits.images[i], int(digits.target[i]))
-        (root / f"{s:06d}.tar").write_bytes(make_tar(members))
-    return root
 
 
 def train_overrides(run_dir: Path, shards: Path, components: Path, **extra) -> list[str]:
