@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 PIP := $(PY) -m pip
 
-.PHONY: setup test demo lint format lock clean
+.PHONY: setup slurm-deps test demo lint format lock clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,13 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PIP) check
 	touch $@
 
-test: $(STAMP)
+# The tests marked `slurm` start a real local Slurm cluster (slurm/local_cluster.py): install
+# slurm-wlm, munge, slurmdbd and mariadb-server if missing (a no-op when present; without root
+# it prints what to install and carries on).
+slurm-deps:
+	bash scripts/install_slurm.sh
+
+test: $(STAMP) slurm-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Until the end-to-end pretraining job exists, the demo is the largest real slice: tiny SD3

@@ -1,0 +1,46 @@
+"""The `slurm_cluster` fixture: one real local Slurm cluster for the whole test session."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from slurm.local_cluster import LocalSlurmCluster, SlurmClusterError, missing_binaries
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A running LocalSlurmCluster; its env (SLURM_CONF) is in os.environ for the session.
+
+    Never skipped: CI runs the `slurm` tests, so missing programs are a failure.
+    """
+    missing = missing_binaries()
+    if missing:
+        pytest.fail(
+            f"the local Slurm cluster needs {', '.join(missing)}: run `make slurm-deps` "
+            "(as root: scripts/install_slurm.sh)",
+            pytrace=False,
+        )
+    if os.geteuid() != 0:
+        pytest.fail("the local Slurm cluster must be started as root", pytrace=False)
+    root = tmp_path_factory.mktemp("slurm", numbered=True)
+    cluster = LocalSlurmCluster(root)
+    t0 = time.monotonic()
+    try:
+        cluster.start()
+    except SlurmClusterError as exc:
+        pytest.fail(f"could not start the local Slurm cluster:\n{exc}", pytrace=False)
+    print(f"\nlocal Slurm cluster under {root} up in {time.monotonic() - t0:.1f} s")
+    saved = {k: os.environ.get(k) for k in cluster.env}
+    os.environ.update(cluster.env)
+    try:
+        yield cluster
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        cluster.stop()

@@ -1,0 +1,164 @@
+"""mmdit-submit against the real local Slurm cluster: checks before submission, a 2-task
+DeepSpeed job, and preemption (USR2 -> checkpoint on all ranks -> requeue -> resume on the
+same loss curve)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm.submit import main
+from tests.training.conftest import read_metrics, train_overrides
+
+pytestmark = [pytest.mark.slurm, pytest.mark.distributed, pytest.mark.slow]
+
+STEPS = 120
+
+
+def _submit_args(run_dir: Path, shards, components, **extra) -> list[str]:
+    settings = {
+        "train.max_steps": STEPS,
+        "train.checkpoint_every": 60,
+        "train.precision": "fp32",
+        "train.global_batch_size": 4,
+        **extra,
+    }
+    return [
+        "--config",
+        "configs/debug_cpu.yaml",
+        "--cpu",
+        "--gpus-per-node",
+        "2",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "00:15:00",
+        *train_overrides(run_dir, shards, components, **settings),
+    ]
+
+
+def _job_id(out: str) -> str:
+    line = next(x for x in out.splitlines() if x.startswith("submitted job "))
+    return line.split()[-1]
+
+
+def _state(job_id: str) -> str:
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-j", job_id, "-o", "State"], capture_output=True, text=True
+    )
+    return out.stdout.strip().split("\n")[0].strip() if out.stdout.strip() else ""
+
+
+def _wait_done(job_id: str, timeout: float = 400) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        queued = subprocess.run(
+            ["squeue", "-h", "-j", job_id], capture_output=True, text=True
+        ).stdout.strip()
+        if not queued:
+            return _state(job_id)
+        time.sleep(2)
+    subprocess.run(["scancel", job_id])
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s")
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {s: r["loss"] for s, r in read_metrics(run_dir).items()}
+
+
+def _logs(run_dir: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted((run_dir / "slurm").rglob("*.err")))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_cluster, tmp_path_factory, digit_shards, tiny_components):
+    run_dir = tmp_path_factory.mktemp("slurm_reference") / "run"
+    args = _submit_args(run_dir, digit_shards, tiny_components)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(args) == 0
+    job = _job_id(out.getvalue())
+    state = _wait_done(job)
+    assert state == "COMPLETED", (state, _logs(run_dir)[-3000:])
+    return run_dir, out.getvalue()
+
+
+def test_two_task_job_trains_with_deepspeed_across_both_tasks(uninterrupted):
+    run_dir, printed = uninterrupted
+    assert "logs:" in printed and "follow:" in printed
+    assert sorted(_losses(run_dir)) == list(range(1, STEPS + 1))
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
+    manifest = json.loads(
+        (run_dir / "checkpoints" / f"step_{STEPS:08d}" / "manifest.json").read_text()
+    )
+    assert manifest["world_size"] == 2  # both Slurm tasks were ranks of one DeepSpeed job
+    record = json.loads((run_dir / "slurm" / "submission.json").read_text())
+    assert record["config"]["train"]["max_steps"] == STEPS
+
+
+def test_usr2_checkpoints_requeues_and_resumes_on_the_same_curve(
+    uninterrupted, tmp_path, digit_shards, tiny_components, capsys
+):
+    reference, _ = uninterrupted
+    run_dir = tmp_path / "run"
+    assert main(_submit_args(run_dir, digit_shards, tiny_components)) == 0
+    job = _job_id(capsys.readouterr().out)
+    deadline = time.time() + 300
+    while not (run_dir / "metrics.jsonl").exists() or max(read_metrics(run_dir), default=0) < 10:
+        assert time.time() < deadline, _logs(run_dir)[-3000:]
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    state = _wait_done(job)
+    logs = _logs(run_dir)
+    assert state == "COMPLETED", (state, logs[-3000:])
+    assert "requeueing (requeue 1 of at most 20)" in logs
+    assert "stopping at step" in logs
+    stopped = int(logs.split("stopping at step ")[1].split()[0])
+    assert 10 <= stopped < STEPS  # the signal's checkpoint, not a periodic one
+    assert _losses(run_dir) == _losses(reference)
+
+
+def test_dry_run_checks_the_request_with_slurm(slurm_cluster, tmp_path, capsys):
+    base = ["--config", "configs/debug_cpu.yaml", f"train.run_dir={tmp_path / 'run'}"]
+    assert main([*base, "--dry-run", "--cpu", "--cpus-per-task", "1"]) == 0
+    assert "dry run: nothing submitted" in capsys.readouterr().out
+    assert main([*base, "--dry-run", "--partition", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown partition 'nope'" in err and slurm_cluster.partition in err
+    assert main([*base, "--dry-run", "--cpu", "--nodes", "3"]) == 2
+    assert "Slurm refuses this request" in capsys.readouterr().err
+    assert main([*base, "--dry-run", "--cpu", "--cpus-per-task", "8"]) == 2
+    assert "Slurm refuses this request" in capsys.readouterr().err
+
+
+def test_a_run_directory_in_use_or_of_another_model_is_refused(slurm_cluster, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    base = ["--config", "configs/debug_cpu.yaml", f"train.run_dir={run_dir}", "--cpu"]
+    sleeper = subprocess.run(
+        ["sbatch", "--parsable", "-n", "1", "--wrap", "sleep 120"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    try:
+        (run_dir / "slurm").mkdir(parents=True)
+        (run_dir / "slurm" / "submission.json").write_text(json.dumps({"job_id": sleeper}))
+        assert main([*base, "--dry-run"]) == 2
+        assert f"in use by job {sleeper}" in capsys.readouterr().err
+    finally:
+        subprocess.run(["scancel", sleeper])
+    (run_dir / "slurm" / "submission.json").unlink()
+    step = run_dir / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("step_00000010\n")
+    (step / "config.yaml").write_text("model:\n  depth: 4\n")
+    assert main([*base, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run of another model" in err and "depth" in err
+    assert "choose another train.run_dir" in err
