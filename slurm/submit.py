@@ -210,6 +210,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     log_dir = run_dir / "slurm"
     script = render_sbatch(args, request, log_dir)
     if args.emit_sbatch:
+        log_dir.mkdir(parents=True, exist_ok=True)  # Slurm opens --output before the script
         if args.emit_sbatch == "-":
             sys.stdout.write(script)
         else:

@@ -141,7 +141,16 @@ def test_a_run_directory_in_use_or_of_another_model_is_refused(slurm_cluster, tm
     run_dir = tmp_path / "run"
     base = ["--config", "configs/debug_cpu.yaml", f"train.run_dir={run_dir}", "--cpu"]
     sleeper = subprocess.run(
-        ["sbatch", "--parsable", "-n", "1", "--wrap", "sleep 120"],
+        [
+            "sbatch",
+            "--parsable",
+            "-n",
+            "1",
+            "-o",
+            str(tmp_path / "sleep.out"),
+            "--wrap",
+            "sleep 120",
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -162,3 +171,36 @@ def test_a_run_directory_in_use_or_of_another_model_is_refused(slurm_cluster, tm
     err = capsys.readouterr().err
     assert "holds a run of another model" in err and "depth" in err
     assert "choose another train.run_dir" in err
+
+
+def test_emitted_sbatch_script_trains_on_the_cluster(
+    slurm_cluster, tmp_path, digit_shards, tiny_components, capsys
+):
+    run_dir, script = tmp_path / "run", tmp_path / "train.sbatch"
+    args = _submit_args(run_dir, digit_shards, tiny_components, **{"train.max_steps": 6})
+    assert main([*args, "--emit-sbatch", str(script)]) == 0
+    job = subprocess.run(
+        ["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    state = _wait_done(job)
+    logs = "\n".join(p.read_text() for p in sorted((run_dir / "slurm").glob("*")))
+    assert state == "COMPLETED", (state, logs[-3000:])
+    assert sorted(_losses(run_dir)) == list(range(1, 7))
+    assert "training finished" in logs
+
+
+def test_precompute_job_writes_the_cache_with_two_tasks(
+    slurm_cluster, tmp_path, digit_shards, tiny_components, capsys
+):
+    out = tmp_path / "cache"
+    args = [
+        "--job", "precompute", "--config", "configs/debug_cpu.yaml", "--out", str(out),
+        "--cpu", "--gpus-per-node", "2", "--cpus-per-task", "1", "--time", "00:10:00",
+        f"data.shards={digit_shards}/{{000000..000007}}.tar",
+        f"conditioning.components={tiny_components}", "data.resolution=32",
+    ]  # fmt: skip
+    assert main(args) == 0
+    job = _job_id(capsys.readouterr().out)
+    assert _wait_done(job) == "COMPLETED", _logs(out)[-3000:]
+    assert sorted(p.name for p in out.glob("*.tar")) == [f"{i:06d}.tar" for i in range(8)]
+    assert (out / "_cache_info.json").is_file()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from slurm import requeue
@@ -9,9 +11,17 @@ from slurm.request import SubmitError, time_to_minutes
 from slurm.submit import main
 from training import trainer
 
+REPO = Path(__file__).resolve().parents[2]
+D24 = str(REPO / "configs" / "d24_512px.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _run_dir_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # emitting creates RUN_DIR/slurm/ for the logs
+
 
 def _emit(capsys, *flags: str) -> str:
-    assert main(["--config", "configs/d24_512px.yaml", *flags, "--emit-sbatch", "-"]) == 0
+    assert main(["--config", D24, *flags, "--emit-sbatch", "-"]) == 0
     return capsys.readouterr().out
 
 
@@ -43,7 +53,7 @@ def test_multi_node_sbatch_has_the_request_signal_and_srun_line(capsys):
     srun = next(line for line in lines if line.startswith("srun "))
     command = lines[lines.index(srun) + 1]
     assert "--kill-on-bad-exit=1" in srun and "%j_%t.err" in srun
-    assert "-m training.train --config" in command and "configs/d24_512px.yaml" in command
+    assert "-m training.train --config" in command and D24 in command
     assert "train.lr=2e-4" in command
     assert "--max-requeues 7" in script and "slurm.requeue" in script
     assert script.index("#SBATCH --nodes") < script.index("srun ")
@@ -62,26 +72,34 @@ def test_precompute_script_passes_the_output_directory(capsys, tmp_path):
 
 def test_precompute_without_out_is_refused(capsys):
     with pytest.raises(SystemExit):
-        main(["--job", "precompute", "--config", "configs/d24_512px.yaml", "--dry-run"])
+        main(
+            [
+                "--job",
+                "precompute",
+                "--config",
+                D24,
+                "--dry-run",
+            ]
+        )
     assert "--out" in capsys.readouterr().err
 
 
 def test_missing_config_is_refused_with_its_name(capsys):
     with pytest.raises(SystemExit) as info:
-        main(["--config", "configs/nope.yaml", "--dry-run"])
+        main(["--config", str(REPO / "configs" / "nope.yaml"), "--dry-run"])
     assert info.value.code == 2 and "nope.yaml" in capsys.readouterr().err
 
 
 def test_bad_resources_are_refused_before_slurm(capsys):
-    assert main(["--config", "configs/d24_512px.yaml", "--nodes", "0", "--dry-run"]) == 2
+    assert main(["--config", D24, "--nodes", "0", "--dry-run"]) == 2
     assert "nodes" in capsys.readouterr().err
-    assert main(["--config", "configs/d24_512px.yaml", "--time", "3 days", "--dry-run"]) == 2
+    assert main(["--config", D24, "--time", "3 days", "--dry-run"]) == 2
     assert "[D-]HH:MM:SS" in capsys.readouterr().err
 
 
 def test_dry_run_without_slurm_says_where_to_run(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, no sinfo
-    assert main(["--config", "configs/d24_512px.yaml", "--dry-run"]) == 2
+    assert main(["--config", D24, "--dry-run"]) == 2
     assert "sbatch/sinfo not found" in capsys.readouterr().err
 
 
