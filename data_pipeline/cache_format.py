@@ -33,6 +33,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from mmdit.atomic_file import write_atomic
+
 CACHE_INFO = "_cache_info.json"
 EMPTY_PROMPT = "_empty_prompt.safetensors"
 TENSOR_EXT = "safetensors"
@@ -57,10 +59,9 @@ class CacheInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, directory: str | Path) -> None:
-        path = Path(directory) / CACHE_INFO
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
-        tmp.replace(path)
+        write_atomic(
+            Path(directory) / CACHE_INFO, json.dumps(asdict(self), indent=2, sort_keys=True)
+        )
 
     @classmethod
     def load(cls, directory: str | Path) -> CacheInfo:

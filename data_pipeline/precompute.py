@@ -68,6 +68,7 @@ from data_pipeline.cache_format import (
 from data_pipeline.config import DataConfig
 from data_pipeline.images import image_to_tensor
 from data_pipeline.tar_samples import expand_shards, iter_samples, parse_sample
+from mmdit.atomic_file import write_atomic
 from mmdit.conditioning import (
     VAE,
     ComponentError,
@@ -271,21 +272,12 @@ def check_existing(out: Path, info: CacheInfo) -> bool:
     return True
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_cache_info(out: Path, info: CacheInfo, text: TextEncoders) -> None:
     """The empty prompt (unbatched: context (L, D), pooled (P,), bf16), then the cache info."""
     import torch
 
     empty = text.encode([""])
-    _atomic_write(
+    write_atomic(
         out / EMPTY_PROMPT,
         encode_tensors(
             {
@@ -407,7 +399,7 @@ class ShardEncoder:
                 f.flush()
                 os.fsync(f.fileno())
             stats = {"shard": dest.name, "source_url": url, **counter.as_dict()}
-            _atomic_write(
+            write_atomic(
                 dest.with_name(dest.name[: -len(".tar")] + STATS_SUFFIX),
                 json.dumps(stats, indent=2).encode(),
             )

@@ -18,7 +18,6 @@ import difflib
 import json
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from mmdit.atomic_file import write_atomic
 
 T = TypeVar("T")
 
@@ -278,19 +279,7 @@ def dumps_json(obj: Any) -> str:
 def save(obj: Any, path: str | os.PathLike) -> Path:
     """Write the resolved tree to `path` (.json or .yaml) atomically: a reader never sees half."""
     path = Path(path)
-    text = dumps_json(obj) if path.suffix == ".json" else dumps_yaml(obj)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, dumps_json(obj) if path.suffix == ".json" else dumps_yaml(obj))
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmdit.atomic_file import write_atomic
 from training import distributed
 
 log = logging.getLogger(__name__)
@@ -71,21 +72,7 @@ def crc32_file(path: Path, chunk: int = 8 << 20) -> int:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 @dataclass(frozen=True)
@@ -120,7 +107,7 @@ class CheckpointManager:
         ema.save(tmp)
         write_json_atomic(tmp / client_file_name(self.rank), client_state)
         if self.rank == 0:
-            write_text_atomic(tmp / "config.yaml", config_yaml)
+            write_atomic(tmp / "config.yaml", config_yaml)
         distributed.barrier()  # every rank's files are on disk before anyone lists them
         mine = self._describe(tmp, lambda rel: file_owner(rel) in (self.rank, None), crc=True)
         described = distributed.gather_objects(mine)
@@ -133,7 +120,7 @@ class CheckpointManager:
             if final.exists():  # the same step saved again after a resume: replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            write_text_atomic(self.root / LATEST, final.name + "\n")
+            write_atomic(self.root / LATEST, final.name + "\n")
             self._prune(keep_also=final)
         distributed.barrier()
         return final
