@@ -172,7 +172,9 @@ def _their_shapes(rules: list[_Rule], ours: Mapping[str, torch.Size]) -> dict[st
     return shapes
 
 
-def _check(state_dict: Mapping[str, Any], expected: Mapping[str, torch.Size], what: str) -> None:
+def check_state_dict(
+    state_dict: Mapping[str, Any], expected: Mapping[str, torch.Size], what: str
+) -> None:
     """Raise one ValueError naming missing, unexpected and mis-shaped keys (first few each)."""
 
     def few(keys: list[str]) -> str:
@@ -232,7 +234,7 @@ def _apply_backward(rules: list[_Rule], sd: Mapping[str, torch.Tensor]) -> State
 
 
 def _ours_checked(state_dict: Mapping[str, torch.Tensor], config: MMDiTConfig) -> None:
-    _check(state_dict, _expected_shapes(config), f"MMDiT state dict for {config}")
+    check_state_dict(state_dict, _expected_shapes(config), f"MMDiT state dict for {config}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,7 +314,7 @@ def from_diffusers(
     config = config_from_diffusers(diffusers_cfg)
     rules = _diffusers_rules(config)
     expected = _their_shapes(rules, _expected_shapes(config))
-    _check(
+    check_state_dict(
         state_dict,
         expected,
         f"diffusers SD3Transformer2DModel state dict for {dict(diffusers_cfg)}",
@@ -400,7 +402,7 @@ def from_sd3_single_file(
     config = _infer_single_file_config(sd, config_overrides)
     rules = _single_file_rules(config)
     expected = _their_shapes(rules, _expected_shapes(config))
-    _check(sd, expected, f"SD3 single-file state dict for {config}")
+    check_state_dict(sd, expected, f"SD3 single-file state dict for {config}")
     return config, _apply_backward(rules, sd)
 
 

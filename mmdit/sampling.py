@@ -11,9 +11,9 @@ and can encode the negative prompt once.
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmdit.atomic_file import write_atomic
 from mmdit.flow import euler_sample
 
 Tensor = torch.Tensor
@@ -200,16 +201,6 @@ def image_grid(images: Tensor, nrow: int | None = None, padding: int = 2) -> Ima
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     """Write ``image`` as PNG to ``path`` atomically (creating parent directories), so a
     viewer polling the file never sees half an image."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return write_atomic(path, buf.getvalue())

@@ -197,25 +197,14 @@ def complete_state_dict(
     expected = fresh.state_dict()
     buffers = {name for name, _ in fresh.named_buffers() if name in expected}
     missing = [k for k in expected if k not in state_dict]
-    missing_params = [k for k in missing if k not in buffers]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [
-        f"{k}: {tuple(state_dict[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state_dict and state_dict[k].shape != v.shape
-    ]
-    problems = []
-    if missing_params:
-        problems.append(f"missing {missing_params[:5]}")
-    if unexpected:
-        problems.append(f"unexpected {unexpected[:5]}")
-    if wrong:
-        problems.append(f"wrong shapes {wrong[:5]}")
-    if problems:
-        raise ExportError(
-            f"{source} does not match the model in its config.yaml ({config}): "
-            + "; ".join(problems)
-        )
+    # Buffers may be absent (added below); every parameter must be there with its shape.
+    required = {k: v.shape for k, v in expected.items() if k not in buffers or k in state_dict}
+    from mmdit.convert import check_state_dict
+
+    try:
+        check_state_dict(state_dict, required, f"model for {source}'s config.yaml ({config})")
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     if not missing:
         return dict(state_dict)
     # Materialise only the buffers (parameters stay on the meta device) and let the model
