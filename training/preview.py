@@ -24,13 +24,21 @@ log = logging.getLogger(__name__)
 
 
 class Previewer:
-    def __init__(self, config: RunConfig, vae: VAE, device: torch.device, rank: int):
+    def __init__(
+        self,
+        config: RunConfig,
+        vae: VAE,
+        device: torch.device,
+        rank: int,
+        text_encoders: TextEncoders | None = None,
+    ):
+        """`text_encoders`: the trainer's own when it encodes on the fly (not loaded twice)."""
         self.config, self.vae, self.device, self.rank = config, vae, device, rank
         self.out_dir = Path(config.train.run_dir) / "previews"
         if rank != 0:
             return
         cond = config.conditioning
-        encoders = TextEncoders.from_pretrained(
+        encoders = text_encoders or TextEncoders.from_pretrained(
             cond.components,
             paths=cond.paths(),
             use_t5=cond.use_t5,

@@ -158,7 +158,9 @@ class Trainer:
         if self.train.preview_every:
             from training.preview import Previewer
 
-            self.previewer = Previewer(self.config, self.inputs.vae, self.device, self.rank)
+            self.previewer = Previewer(
+                self.config, self.inputs.vae, self.device, self.rank, self.inputs.text
+            )
         self._reset_log_window()
 
     # -- set-up -------------------------------------------------------------------------------
