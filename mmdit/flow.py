@@ -94,18 +94,27 @@ def shift_sigmas(sigma: Tensor | float, alpha: float) -> Tensor | float:
     return alpha * sigma / (1 + (alpha - 1) * sigma)
 
 
+# The sampler grid follows diffusers' FlowMatchEulerDiscreteScheduler, which SD3 pipelines use.
+TRAIN_TIMESTEPS = 1000
+
+
 def sampling_sigmas(
     steps: int, shift: float = 3.0, device: torch.device | str | None = None
 ) -> Tensor:
-    """The sampler's grid: steps + 1 shifted sigmas from exactly 1 down to exactly 0.
+    """The sampler's grid: steps + 1 sigmas from exactly 1 down to exactly 0.
 
-    A uniform grid in sigma, then shifted. (diffusers' scheduler instead spaces the grid down to
-    1/1000 and appends 0; with 28+ steps the two differ only in the last step's size.)
+    The schedule of diffusers' ``FlowMatchEulerDiscreteScheduler(shift=shift)`` (what
+    ``StableDiffusion3Pipeline`` samples with), so a checkpoint sampled here and through an
+    exported diffusers pipeline walks the same sigmas: ``steps`` points evenly spaced from 1 to
+    the scheduler's smallest training sigma (itself already shifted: shift(1/1000)), shifted
+    (again), then a final 0.
     """
     if steps < 1:
         raise ValueError("steps must be >= 1")
-    grid = shift_sigmas(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
-    grid[0], grid[-1] = 1.0, 0.0  # pin the endpoints against rounding
+    sigma_min = shift_sigmas(1.0 / TRAIN_TIMESTEPS, shift)
+    grid = shift_sigmas(torch.linspace(1.0, sigma_min, steps, dtype=torch.float64), shift)
+    grid = torch.cat([grid, grid.new_zeros(1)])
+    grid[0] = 1.0  # pin the start against rounding
     return grid.to(device=device, dtype=torch.float32)
 
 

@@ -81,16 +81,27 @@ def test_shift_known_points_and_monotonic():
     assert bool((shifted[1:-1] > s[1:-1]).all())  # alpha > 1 moves towards noise
 
 
-def test_sampling_sigmas_grid():
+@pytest.mark.parametrize("steps", [1, 4, 28, 40])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_sampling_sigmas_equal_diffusers_flow_match_euler(steps, shift):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    scheduler.set_timesteps(steps)
+    ours = flow.sampling_sigmas(steps, shift=shift)
+    assert ours.shape == (steps + 1,)
+    torch.testing.assert_close(ours, scheduler.sigmas.float(), rtol=0, atol=1e-6)
+    assert ours[0].item() == 1.0 and ours[-1].item() == 0.0
+    assert bool((ours.diff() < 0).all())
+
+
+def test_sampling_sigmas_with_shift_3_spend_more_steps_near_noise():
     g = flow.sampling_sigmas(28, shift=3.0)
-    assert g.shape == (29,)
-    assert g[0].item() == 1.0 and g[-1].item() == 0.0
-    assert bool((g.diff() < 0).all())
-    # The midpoint of the unshifted grid lands on shift(0.5).
-    assert g[14].item() == pytest.approx(0.75)
-    torch.testing.assert_close(
-        flow.sampling_sigmas(4, shift=1.0), torch.tensor([1, 0.75, 0.5, 0.25, 0])
-    )
+    # Halfway through the steps the shifted grid is still near sigma 0.74, where an unshifted
+    # grid is below 0.5: shift(u) = 3u / (1 + 2u) with u = 1 - 14/27 (1 - shift(1/1000)).
+    u = 1 - 14 / 27 * (1 - flow.shift_sigmas(1e-3, 3.0))
+    assert g[14].item() == pytest.approx(flow.shift_sigmas(u, 3.0), abs=1e-6)
+    assert g[14].item() > 0.73 and flow.sampling_sigmas(28, shift=1.0)[14].item() < 0.49
 
 
 def test_interpolate_and_velocity_are_consistent():
