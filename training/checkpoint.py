@@ -35,22 +35,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The layout's names are shared with its readers (eval, mmdit-export).
+from eval.checkpoints import DS_TAG, LATEST, MANIFEST, STEP_DIR, step_dir_name
 from mmdit.atomic_file import write_atomic
 from training import distributed
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-LATEST = "latest"
-DS_TAG = "ds"
 UNIVERSAL_TAG = "universal"
-STEP_DIR = re.compile(r"^step_(\d{8,})$")
 TMP_PREFIX = ".tmp_"
 _RANK_IN_NAME = re.compile(r"(?:zero_pp_rank_|_rank_)(\d+)")
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def client_file_name(rank: int) -> str:

@@ -3,26 +3,22 @@
 ZeRO-3 flattens every parameter, pads it to a multiple of the world size and gives rank r the
 slice [r*n, (r+1)*n). The EMA keeps the same slices of the fp32 master weights, so it costs
 4 bytes per parameter divided by the world size and no communication per step. Saved as one
-safetensors file per rank; `full_state_dict` concatenates the slices (any world size), and
-`load` re-slices a full state for the current world size, so a run resumes its EMA on a
+safetensors file per rank; `eval.checkpoints.ema_state_dict` concatenates the slices (any world
+size), and `load` re-slices a full state for the current world size, so a run resumes its EMA on a
 different number of ranks and `mmdit-export --ema` needs no GPU.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-SHARD_PATTERN = "ema_rank_{rank:05d}_of_{world:05d}.safetensors"
-
-
-def shard_name(rank: int, world: int) -> str:
-    return SHARD_PATTERN.format(rank=rank, world=world)
+# File names and the reader of the saved slices are shared with eval and mmdit-export.
+from eval.checkpoints import ema_shard_name, ema_state_dict
 
 
 def local_partition(full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -70,7 +66,7 @@ class ShardedEMA:
         torch._foreach_lerp_(shadows, weights, 1.0 - self.decay)
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / shard_name(self.rank, self.world)
+        path = Path(directory) / ema_shard_name(self.rank, self.world)
         tmp = path.with_name(path.name + ".tmp")
         meta = {"shapes": json.dumps(self.shapes), "decay": repr(self.decay)}
         save_file({n: t.contiguous().cpu() for n, t in self.shadow.items()}, str(tmp), meta)
@@ -78,7 +74,7 @@ class ShardedEMA:
         return path
 
     def load(self, directory: str | Path) -> None:
-        full = full_state_dict(directory)
+        full = ema_state_dict(directory)
         missing = set(self.shadow) - set(full)
         if missing:
             raise ValueError(f"EMA in {directory} lacks {sorted(missing)[:5]}")
@@ -92,36 +88,6 @@ class ShardedEMA:
                 )
             part = local_partition(value.float(), self.rank, self.world)
             self.shadow[name].copy_(part.to(self.shadow[name].device))
-
-
-def shard_files(directory: str | Path) -> list[Path]:
-    files = sorted(Path(directory).glob("ema_rank_*_of_*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no EMA shards (ema_rank_*_of_*.safetensors) in {directory}")
-    world = {f.stem.rsplit("_of_", 1)[1] for f in files}
-    if len(world) != 1 or len(files) != int(next(iter(world))):
-        raise ValueError(
-            f"EMA shards in {directory} are incomplete or mixed: {[f.name for f in files]}"
-        )
-    return files
-
-
-def full_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
-    """The whole EMA as full fp32 tensors, from the per-rank shards of any world size."""
-    files = shard_files(directory)
-    parts: dict[str, list[torch.Tensor]] = {}
-    shapes: Mapping[str, list[int]] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            shapes = json.loads(f.metadata()["shapes"])
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                parts.setdefault(name, []).append(f.get_tensor(name))
-    out = {}
-    for name, chunks in parts.items():
-        shape = tuple(shapes[name])
-        numel = int(torch.Size(shape).numel())
-        out[name] = torch.cat(chunks)[:numel].reshape(shape)
-    return out
 
 
 def gather_full(ema: ShardedEMA) -> dict[str, torch.Tensor] | None:

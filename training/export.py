@@ -26,7 +26,7 @@ Formats (--format):
                (model.diffusion_model.joint_blocks.N...), for tools that load SD3 single files
   safetensors  one .safetensors file with this repository's MMDiT state dict; its metadata
                holds the model config as JSON ("mmdit_config"); read it back with
-               training.export.load_safetensors(OUT)
+               eval.checkpoints.read_mmdit_safetensors(OUT)
 
 --dtype casts every floating-point tensor (default fp32, as trained). The output is written
 to a temporary name next to OUT and moved into place at the end, so OUT is never half written;
@@ -36,10 +36,8 @@ an existing OUT is replaced only with --overwrite.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -47,16 +45,21 @@ from pathlib import Path
 
 import torch
 
-from mmdit.model import MMDiT, MMDiTConfig
-from training.checkpoint import DS_TAG, LATEST, MANIFEST, STEP_DIR, step_dir_name
+from eval.checkpoints import (
+    CONFIG_META_KEY,
+    MANIFEST,
+    CheckpointError,
+    load_checkpoint_weights,
+    resolve_checkpoint,
+)
+from mmdit.model import MMDiT
 
 FORMATS = ("diffusers", "sd3", "safetensors")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CONFIG_META_KEY = "mmdit_config"
 
 
-class ExportError(Exception):
-    """A problem with the user's input (checkpoint not found, damaged, bad output path)."""
+class ExportError(CheckpointError):
+    """A problem with the user's input (bad format, dtype or output path)."""
 
 
 @dataclass(frozen=True)
@@ -70,195 +73,8 @@ class ExportResult:
     num_params: int
 
 
-# --------------------------------------------------------------------------------------------
-# Finding the checkpoint
-# --------------------------------------------------------------------------------------------
-
-
-def _checkpoints_root(path: Path) -> Path | None:
-    if (path / "checkpoints").is_dir():
-        return path / "checkpoints"
-    if path.name == "checkpoints" and path.is_dir():
-        return path
-    return None
-
-
-def available_steps(root: Path) -> list[int]:
-    """Steps of the published checkpoints (those with a manifest) under RUN/checkpoints."""
-    if not root.is_dir():
-        return []
-    return sorted(
-        int(m.group(1))
-        for p in root.iterdir()
-        if (m := STEP_DIR.match(p.name)) and (p / MANIFEST).is_file()
-    )
-
-
-def _steps_text(root: Path) -> str:
-    steps = available_steps(root)
-    return ", ".join(map(str, steps)) if steps else "none"
-
-
-def resolve_checkpoint(spec: str | os.PathLike) -> Path:
-    """The published checkpoint directory (RUN/checkpoints/step_XXXXXXXX) that `spec` names;
-    see the module docstring for the accepted forms."""
-    text = str(spec)
-    path = Path(text)
-    step: int | None = None
-    if (path / MANIFEST).is_file():
-        return path
-    if _checkpoints_root(path) is None:
-        colon = re.fullmatch(r"(.+):(\d+)", text)
-        name = re.fullmatch(r"(?:step_)?(\d+)", path.name)
-        if colon:
-            path, step = Path(colon.group(1)), int(colon.group(2))
-        elif name:
-            path, step = path.parent, int(name.group(1))
-    root = _checkpoints_root(path)
-    if root is None:
-        raise ExportError(
-            f"--checkpoint {text}: found neither a run directory (looked for "
-            f"{path / 'checkpoints'}/) nor a checkpoint directory (looked for "
-            f"{Path(text) / MANIFEST}); pass RUN, RUN:STEP, RUN/STEP or RUN/checkpoints/step_N"
-        )
-    if step is None:
-        latest = root / LATEST
-        if not latest.is_file():
-            raise ExportError(
-                f"--checkpoint {text}: {latest} does not exist (no checkpoint was published); "
-                f"available steps in {root}: {_steps_text(root)}"
-            )
-        chosen = root / latest.read_text().strip()
-        if not (chosen / MANIFEST).is_file():
-            raise ExportError(
-                f"--checkpoint {text}: {latest} names {chosen.name}, which has no {MANIFEST}; "
-                f"available steps in {root}: {_steps_text(root)}"
-            )
-        return chosen
-    chosen = root / step_dir_name(step)
-    if not (chosen / MANIFEST).is_file():
-        why = f"{chosen} has no {MANIFEST} (incomplete)" if chosen.exists() else f"no {chosen}"
-        raise ExportError(
-            f"--checkpoint {text}: no published checkpoint for step {step} ({why}); "
-            f"available steps in {root}: {_steps_text(root)}"
-        )
-    return chosen
-
-
-def _check_sizes(step_dir: Path, wanted) -> None:
-    """The files we are about to read exist with the sizes the manifest recorded."""
-    manifest = json.loads((step_dir / MANIFEST).read_text())
-    files = {rel: e for rel, e in manifest.get("files", {}).items() if wanted(rel)}
-    if not files:
-        raise ExportError(f"{step_dir}/{MANIFEST} lists none of the files an export needs")
-    wrong = []
-    for rel, entry in sorted(files.items()):
-        path = step_dir / rel
-        if not path.is_file():
-            wrong.append(f"{rel} is missing")
-        elif path.stat().st_size != entry["size"]:
-            wrong.append(f"{rel} has {path.stat().st_size} bytes, manifest says {entry['size']}")
-    if wrong:
-        raise ExportError(f"checkpoint {step_dir} is damaged: " + "; ".join(wrong[:5]))
-
-
-# --------------------------------------------------------------------------------------------
-# Reading the weights
-# --------------------------------------------------------------------------------------------
-
-
-def load_run_config(step_dir: str | os.PathLike):
-    from mmdit.typed_config import load
-    from training.config import RunConfig
-
-    path = Path(step_dir) / "config.yaml"
-    if not path.is_file():
-        raise ExportError(f"checkpoint {step_dir} has no config.yaml")
-    return load(RunConfig, path)
-
-
-def consolidated_state_dict(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from the ZeRO-3 shards in step_dir/ds (CPU, any world size)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    # DeepSpeed prints progress on stdout; keep stdout for what this command reports.
-    with contextlib.redirect_stdout(sys.stderr):
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DS_TAG)
-    return dict(sd)
-
-
-def complete_state_dict(
-    state_dict: dict[str, torch.Tensor], config: MMDiTConfig, source: str
-) -> dict[str, torch.Tensor]:
-    """Check names and shapes against MMDiT(config) and add missing buffers (pos_embed: the EMA
-    keeps parameters only) from a freshly built model."""
-    with torch.device("meta"):
-        fresh = MMDiT(config, initialize=False)
-    expected = fresh.state_dict()
-    buffers = {name for name, _ in fresh.named_buffers() if name in expected}
-    missing = [k for k in expected if k not in state_dict]
-    # Buffers may be absent (added below); every parameter must be there with its shape.
-    required = {k: v.shape for k, v in expected.items() if k not in buffers or k in state_dict}
-    from mmdit.convert import check_state_dict
-
-    try:
-        check_state_dict(state_dict, required, f"model for {source}'s config.yaml ({config})")
-    except ValueError as e:
-        raise ExportError(str(e)) from None
-    if not missing:
-        return dict(state_dict)
-    # Materialise only the buffers (parameters stay on the meta device) and let the model
-    # recompute them; a buffer it does not recompute stays NaN and falls back to a CPU build.
-    for module in fresh.modules():
-        for name, buf in module._buffers.items():
-            if buf is not None:
-                module._buffers[name] = torch.full(buf.shape, float("nan"), dtype=buf.dtype)
-    fresh.initialize_weights(parts=[])
-    filled = {k: v for k, v in fresh.state_dict().items() if k in missing}
-    if any(v.is_floating_point() and v.isnan().any() for v in filled.values()):
-        cpu_model = MMDiT(config, initialize=False)
-        filled = {k: v for k, v in cpu_model.state_dict().items() if k in missing}
-    out = dict(state_dict)
-    out.update({k: v.detach().clone() for k, v in filled.items()})
-    return {k: out[k] for k in expected}
-
-
-def load_checkpoint_weights(
-    step_dir: str | os.PathLike, ema: bool = False
-) -> tuple[MMDiTConfig, dict[str, torch.Tensor]]:
-    """(model config, complete MMDiT state dict) of a published checkpoint directory."""
-    step_dir = Path(step_dir)
-    config = load_run_config(step_dir).model
-    if ema:
-        from training.ema import full_state_dict
-
-        _check_sizes(step_dir, lambda rel: rel.startswith("ema_rank_"))
-        sd = full_state_dict(step_dir)
-        source = f"EMA in {step_dir}"
-    else:
-        _check_sizes(step_dir, lambda rel: rel.startswith(f"{DS_TAG}/"))
-        sd = consolidated_state_dict(step_dir)
-        source = f"ZeRO checkpoint {step_dir / DS_TAG}"
-    return config, complete_state_dict(sd, config, source)
-
-
 def cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-
-
-def load_safetensors(path: str | os.PathLike) -> tuple[MMDiTConfig, dict[str, torch.Tensor]]:
-    """Read back a `--format safetensors` export: (MMDiTConfig, state dict)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from mmdit.typed_config import from_dict
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if CONFIG_META_KEY not in meta:
-        raise ValueError(f"{path} has no '{CONFIG_META_KEY}' metadata; not an mmdit-export file")
-    config = from_dict(MMDiTConfig, json.loads(meta[CONFIG_META_KEY]), source=str(path))
-    return config, load_file(str(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             overwrite=args.overwrite,
         )
-    except ExportError as e:
+    except CheckpointError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(
         f"exported step {result.step} ({result.weights} weights, {result.num_params:,} "

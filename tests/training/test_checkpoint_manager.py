@@ -14,18 +14,16 @@ from pathlib import Path
 import pytest
 from torch import nn
 
+from eval.checkpoints import LATEST, MANIFEST, ema_shard_name, step_dir_name
 from training.checkpoint import (
-    LATEST,
-    MANIFEST,
     TMP_PREFIX,
     CheckpointManager,
     client_file_name,
     crc32_file,
     file_owner,
-    step_dir_name,
     write_json_atomic,
 )
-from training.ema import ShardedEMA, shard_name
+from training.ema import ShardedEMA
 
 REPO = Path(__file__).resolve().parents[2]
 FIND = Path(__file__).with_name("find_checkpoint.py")
@@ -35,7 +33,7 @@ def rank_files(rank: int, world: int) -> list[str]:
     return [
         f"ds/zero_pp_rank_{rank}_mp_rank_00_model_states.pt",
         f"ds/bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
-        shard_name(rank, world),
+        ema_shard_name(rank, world),
         client_file_name(rank),
     ]
 
@@ -165,14 +163,14 @@ def test_missing_file_is_seen_by_every_rank(tmp_path):
 
 def test_size_change_is_seen_by_every_rank(tmp_path):
     path = make_checkpoint(tmp_path, 10, world=2)
-    target = path / shard_name(1, 2)
+    target = path / ema_shard_name(1, 2)
     size = target.stat().st_size
     with open(target, "ab") as f:
         f.write(b"x")
     for rank in range(2):
         m = manager(tmp_path, rank, 2)
         (problem,) = m.problems(m.published()[0])
-        assert shard_name(1, 2) in problem
+        assert ema_shard_name(1, 2) in problem
         assert f"{size + 1} bytes, manifest says {size}" in problem
 
 
@@ -224,7 +222,7 @@ def test_find_resumable_skips_damaged_newest(tmp_path):
     make_checkpoint(tmp_path, 100, world=1)
     make_checkpoint(tmp_path, 200, world=1)
     newest = make_checkpoint(tmp_path, 300, world=1)
-    flip_bytes(newest / shard_name(0, 1))
+    flip_bytes(newest / ema_shard_name(0, 1))
     assert manager(tmp_path).find_resumable().step == 200
     # and past several damaged ones
     (tmp_path / "checkpoints" / step_dir_name(200) / "config.yaml").unlink()
@@ -301,7 +299,7 @@ def test_save_publishes_validates_and_prunes(tmp_path):
     manifest = json.loads((final / MANIFEST).read_text())
     assert (manifest["step"], manifest["world_size"], manifest["format"]) == (30, 1, 1)
     assert sorted(manifest["files"]) == sorted(
-        ["config.yaml", client_file_name(0), shard_name(0, 1)] + rank_files(0, 1)[:2]
+        ["config.yaml", client_file_name(0), ema_shard_name(0, 1)] + rank_files(0, 1)[:2]
     )  # the stale temporary's junk did not leak in
     for rel, entry in manifest["files"].items():
         assert entry == {"size": (final / rel).stat().st_size, "crc32": crc32_file(final / rel)}

@@ -10,13 +10,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from training.ema import (
-    ShardedEMA,
-    full_state_dict,
-    local_partition,
-    shard_files,
-    shard_name,
-)
+from eval.checkpoints import ema_shard_files, ema_shard_name, ema_state_dict
+from training.ema import ShardedEMA, local_partition
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -114,7 +109,7 @@ def test_save_and_full_state_dict_round_trip(tmp_path):
             "0.bias": [5],
             "1.weight": [2, 5],
         }
-    full = full_state_dict(tmp_path)
+    full = ema_state_dict(tmp_path)
     assert set(full) == set(ema.shadow)
     for n, t in full.items():
         assert t.shape == ema.shapes[n] and t.dtype == torch.float32
@@ -139,8 +134,11 @@ def two_rank_dir(tmp_path):
 
 def test_two_rank_shards_concatenate_to_the_full_tensors(two_rank_dir):
     directory, full = two_rank_dir
-    assert [f.name for f in shard_files(directory)] == [shard_name(0, 2), shard_name(1, 2)]
-    restored = full_state_dict(directory)
+    assert [f.name for f in ema_shard_files(directory)] == [
+        ema_shard_name(0, 2),
+        ema_shard_name(1, 2),
+    ]
+    restored = ema_state_dict(directory)
     assert set(restored) == set(full)
     for n, t in full.items():
         assert torch.equal(restored[n], t)
@@ -185,14 +183,14 @@ def test_world_3_save_and_world_2_reload(tmp_path):
 
 def test_no_shards_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no EMA shards"):
-        full_state_dict(tmp_path)
+        ema_state_dict(tmp_path)
 
 
 def test_incomplete_shard_set_is_an_error(tmp_path):
     full = _full(seed=3)
     _sharded(full, 0, 2).save(tmp_path)
     with pytest.raises(ValueError, match="incomplete or mixed"):
-        full_state_dict(tmp_path)
+        ema_state_dict(tmp_path)
     ema = ShardedEMA(_model().named_parameters(), decay=0.5)
     with pytest.raises(ValueError, match="incomplete or mixed"):
         ema.load(tmp_path)
@@ -204,8 +202,8 @@ def test_mixed_shard_sets_are_an_error(tmp_path):
         _sharded(full, rank, 2).save(tmp_path)
     _sharded(full, 0, 3).save(tmp_path)  # a stale shard from a 3-rank save
     with pytest.raises(ValueError, match="incomplete or mixed") as info:
-        full_state_dict(tmp_path)
-    assert shard_name(0, 3) in str(info.value)
+        ema_state_dict(tmp_path)
+    assert ema_shard_name(0, 3) in str(info.value)
 
 
 def test_mixed_worlds_with_a_matching_count_are_an_error(tmp_path):
@@ -213,7 +211,7 @@ def test_mixed_worlds_with_a_matching_count_are_an_error(tmp_path):
     _sharded(full, 0, 2).save(tmp_path)
     _sharded(full, 1, 3).save(tmp_path)  # two files, but of different world sizes
     with pytest.raises(ValueError, match="incomplete or mixed"):
-        shard_files(tmp_path)
+        ema_shard_files(tmp_path)
 
 
 def test_load_rejects_a_different_model(tmp_path):

@@ -12,19 +12,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from eval.checkpoints import (
+    CheckpointError,
+    ema_state_dict,
+    read_mmdit_safetensors,
+    read_model_config,
+    resolve_checkpoint,
+    zero_state_dict,
+)
 from mmdit import convert
 from mmdit.model import MMDiT
 from tests.mmdit.tiny_mmdit import inputs
 from tests.training.conftest import run_training, train_overrides
-from training import ema as ema_mod
-from training.export import (
-    ExportError,
-    consolidated_state_dict,
-    load_run_config,
-    load_safetensors,
-    main,
-    resolve_checkpoint,
-)
+from training.export import main
 
 ATOL = 1e-5
 
@@ -75,8 +75,8 @@ def assert_same_tensors(a: dict, b: dict) -> None:
 def test_raw_safetensors_equals_consolidated_zero_weights(run_dir, step3, zero_weights, tmp_path):
     out = tmp_path / "w.safetensors"
     export("--checkpoint", run_dir, "--format", "safetensors", "--out", out)  # run dir: latest
-    config, sd = load_safetensors(out)
-    assert config == load_run_config(step3).model
+    config, sd = read_mmdit_safetensors(out)
+    assert config == read_model_config(step3)
     assert_same_tensors(sd, zero_weights)
     with safe_open(str(out), framework="pt") as f:
         meta = f.metadata()
@@ -92,7 +92,7 @@ def test_diffusers_export_matches_our_model(run_dir, zero_weights, tmp_path, cap
     printed = capsys.readouterr().out
     assert str(out) in printed and "diffusion_pytorch_model.safetensors" in printed
 
-    config = load_run_config(run_dir / "checkpoints" / "step_00000003").model
+    config = read_model_config(run_dir / "checkpoints" / "step_00000003")
     ours = MMDiT(config)
     ours.load_state_dict(zero_weights)
     theirs, info = SD3Transformer2DModel.from_pretrained(out, output_loading_info=True)
@@ -114,8 +114,8 @@ def test_diffusers_export_matches_our_model(run_dir, zero_weights, tmp_path, cap
 def test_ema_export_equals_ema_shards(run_dir, step3, zero_weights, tmp_path):
     out = tmp_path / "ema.safetensors"
     export("--checkpoint", step3, "--format", "safetensors", "--ema", "--out", out)
-    _, sd = load_safetensors(out)
-    expected = ema_mod.full_state_dict(step3)
+    _, sd = read_mmdit_safetensors(out)
+    expected = ema_state_dict(step3)
     assert "pos_embed" not in expected  # the EMA holds parameters only: the export adds it
     assert sorted(sd) == sorted(zero_weights)
     assert_same_tensors({k: sd[k] for k in expected}, expected)
@@ -128,7 +128,7 @@ def test_sd3_single_file_loads_back_through_convert(run_dir, zero_weights, tmp_p
     export("--checkpoint", f"{run_dir}/step_00000003", "--format", "sd3", "--out", out)
     tensors = load_file(str(out))
     assert all(k.startswith(convert.SINGLE_FILE_PREFIX) for k in tensors)
-    config = load_run_config(run_dir / "checkpoints" / "step_00000003").model
+    config = read_model_config(run_dir / "checkpoints" / "step_00000003")
     loaded_cfg, sd = convert.from_sd3_single_file(tensors, sample_size=config.sample_size)
     assert loaded_cfg == config
     assert_same_tensors(sd, zero_weights)
@@ -138,11 +138,11 @@ def test_bf16_and_step_forms(run_dir, zero_weights, tmp_path):
     out = tmp_path / "bf16.safetensors"
     export("--checkpoint", f"{run_dir}/2", "--format", "safetensors", "--dtype", "bf16",
            "--out", out)  # fmt: skip
-    _, sd = load_safetensors(out)
+    _, sd = read_mmdit_safetensors(out)
     assert {v.dtype for v in sd.values()} == {torch.bfloat16}
     with safe_open(str(out), framework="pt") as f:
         assert f.metadata()["mmdit_step"] == "2"
-    step2 = consolidated_state_dict(run_dir / "checkpoints" / "step_00000002")
+    step2 = zero_state_dict(run_dir / "checkpoints" / "step_00000002")
     assert_same_tensors(sd, {k: v.to(torch.bfloat16) for k, v in step2.items()})
 
     # An existing output is replaced only when asked.
@@ -150,7 +150,7 @@ def test_bf16_and_step_forms(run_dir, zero_weights, tmp_path):
         main(["--checkpoint", str(run_dir), "--format", "safetensors", "--out", str(out)])
     assert e.value.code == 2
     export("--checkpoint", run_dir, "--format", "safetensors", "--out", out, "--overwrite")
-    assert_same_tensors(load_safetensors(out)[1], zero_weights)
+    assert_same_tensors(read_mmdit_safetensors(out)[1], zero_weights)
 
 
 def test_checkpoint_forms_and_errors(run_dir, step3, tmp_path, capsys):
@@ -163,14 +163,14 @@ def test_checkpoint_forms_and_errors(run_dir, step3, tmp_path, capsys):
     assert resolve_checkpoint(f"{run_dir}/step_00000002") == step2
     assert resolve_checkpoint(step2) == step2
 
-    with pytest.raises(ExportError, match=r"step 7 .*available steps in .*: 2, 3"):
+    with pytest.raises(CheckpointError, match=r"step 7 .*available steps in .*: 2, 3"):
         resolve_checkpoint(f"{run_dir}:7")
     with pytest.raises(SystemExit) as e:
         main(["--checkpoint", f"{run_dir}/7", "--format", "sd3", "--out", str(tmp_path / "x")])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "step_00000007" in err and "available steps" in err and "2, 3" in err
-    with pytest.raises(ExportError, match="neither a run directory"):
+    with pytest.raises(CheckpointError, match="neither a run directory"):
         resolve_checkpoint(tmp_path / "nothing-here")
 
     # A damaged shard is reported, not exported.

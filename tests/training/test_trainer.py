@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from eval.checkpoints import ema_state_dict
 from tests.training.conftest import read_metrics, run_training, train_overrides
-from training.ema import full_state_dict
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -178,7 +178,7 @@ def test_nan_on_one_rank_skips_the_update_on_all_ranks_and_ema_matches_a_plain_e
         if applied[step]:
             weights = load_file(str(dumps / f"weights_{step}.safetensors"))
             ema = {n: v + (1 - 0.9) * (weights[n] - v) for n, v in ema.items()}
-    sharded = full_state_dict(run_dir / "checkpoints" / "step_00000005")
+    sharded = ema_state_dict(run_dir / "checkpoints" / "step_00000005")
     assert sharded.keys() == ema.keys()
     for name, value in ema.items():
         torch.testing.assert_close(sharded[name], value, rtol=0, atol=1e-6, msg=name)
