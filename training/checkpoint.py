@@ -37,8 +37,8 @@ from typing import Any
 
 # The layout's names are shared with its readers (eval, mmdit-export).
 from eval.checkpoints import DS_TAG, LATEST, MANIFEST, STEP_DIR, step_dir_name
+from mmdit import distributed
 from mmdit.atomic_file import write_atomic
-from training import distributed
 
 log = logging.getLogger(__name__)
 

@@ -37,12 +37,12 @@ import torch
 from data_pipeline import build_loader
 from data_pipeline.bad_samples import REASONS
 from data_pipeline.loader import reshard_state
-from mmdit import flow
+from mmdit import distributed, flow
 from mmdit.conditioning import conditioning_identity
 from mmdit.flops import approx_train_flops_per_sample, mfu, peak_bf16_flops
 from mmdit.model import JointBlock, MMDiT
 from mmdit.typed_config import dumps_yaml, to_dict
-from training import distributed
+from training import launch
 from training.checkpoint import DS_TAG, Checkpoint, CheckpointManager
 from training.config import RunConfig
 from training.ds_config import accumulation_steps, deepspeed_config
@@ -122,7 +122,7 @@ class Trainer:
         self.train = config.train
         self.stop_flag = stop_flag
         self.env = distributed.detect()
-        self.device = distributed.init(self.env)
+        self.device = launch.init(self.env)
         self.rank, self.world = self.env.rank, self.env.world_size
         self.run_dir = Path(self.train.run_dir)
         self.accumulation = accumulation_steps(self.train, self.world)

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from training.distributed import DEFAULT_PORT, DistEnv, detect, first_host
+from mmdit.distributed import DEFAULT_PORT, DistEnv, detect, first_host
 
 
 @pytest.fixture

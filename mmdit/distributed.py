@@ -1,10 +1,11 @@
-"""Process layout from whichever launcher started us, and the few collectives the trainer needs.
+"""Process layout from whichever launcher started us, and the few collectives we need.
 
 Launchers announce ranks differently: `torchrun` and `deepspeed` set RANK / WORLD_SIZE /
 LOCAL_RANK / MASTER_ADDR / MASTER_PORT; `srun` sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID
 and the allocation's node list (the first node hosts the rendezvous); a plain `python` is one
-process. `detect` reads them in that order, `init` exports the torch variables and starts the
-process group (NCCL on GPUs, gloo on DeepSpeed's CPU accelerator).
+process. `detect` reads them in that order; `init_process_group` exports the torch variables
+and starts a plain torch process group (evaluation); the trainer starts its group through
+DeepSpeed (training.launch). Torch only: shared by the trainer and eval.
 """
 
 from __future__ import annotations
@@ -105,8 +106,26 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
     return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
 
 
-def init(dist_env: DistEnv, timeout_s: int = 1800) -> torch.device:
-    """Export the torch rendezvous variables, start the process group, return our device."""
+def init_process_group(dist_env: DistEnv, timeout_s: int = 1800) -> torch.device:
+    """Export the torch rendezvous variables and start a plain torch process group (NCCL with
+    a GPU, else gloo); return our device. The trainer starts its group through DeepSpeed
+    instead (training.launch), which picks the backend of its accelerator."""
+    export_env(dist_env)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist_env.local_rank)
+        device = torch.device("cuda", dist_env.local_rank)
+    else:
+        device = torch.device("cpu")
+    if dist_env.world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            timeout=timedelta(seconds=timeout_s),
+        )
+    return device
+
+
+def export_env(dist_env: DistEnv) -> None:
+    """The variables torch.distributed's env:// rendezvous (and DeepSpeed) read."""
     os.environ.update(
         RANK=str(dist_env.rank),
         WORLD_SIZE=str(dist_env.world_size),
@@ -119,22 +138,6 @@ def init(dist_env: DistEnv, timeout_s: int = 1800) -> torch.device:
         MASTER_ADDR=dist_env.master_addr,
         MASTER_PORT=str(dist_env.master_port),
     )
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    if accelerator.device_name() == "cuda":
-        torch.cuda.set_device(dist_env.local_rank)
-        device = torch.device("cuda", dist_env.local_rank)
-    else:
-        device = torch.device(accelerator.device_name())
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=accelerator.communication_backend_name(),
-            auto_mpi_discovery=False,
-            timeout=timedelta(seconds=timeout_s),
-        )
-    return device
 
 
 def all_true(flag: bool) -> bool:
