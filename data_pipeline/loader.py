@@ -115,6 +115,70 @@ def _fetch(refs: Sequence[Ref]) -> dict[Ref, dict]:
     return {r: found[(r[1], r[2])] for r in refs}
 
 
+def decode_item(
+    config: DataConfig,
+    mode: Literal["images", "latents"],
+    buckets,
+    ref: Ref,
+    sample: dict,
+    crop: Literal["center", "random"] | None = None,
+) -> dict:
+    """A raw sample -> one batch item; raises BadSample to skip it. `crop` overrides
+    config.crop (evaluation always crops the centre)."""
+    epoch, url, index = ref
+    if mode == "latents":
+        key = sample["__key__"]
+        try:
+            info = json.loads(sample["json"])
+            tensors = decode_tensors(sample["safetensors"])
+        except KeyError as e:
+            raise BadSample("corrupt_image", f"{key}: cache sample has no {e} member") from None
+        except Exception as e:  # a damaged member must not stop the run
+            raise BadSample("corrupt_image", f"{key}: unreadable cache sample: {e}") from None
+        return {
+            **tensors,
+            "key": key,
+            "caption": info.get("caption", ""),
+            "bucket": tuple(info["bucket"]),
+            "crop_top_left": tuple(info["crop_top_left"]),
+            "original_size": tuple(info["original_size"]),
+        }
+    meta = parse_sample(sample, caption=config.caption, empty_caption=config.empty_caption)
+    crop_rng = random.Random(f"crop:{config.seed}:{epoch}:{url}:{index}")
+    image, bucket, top_left, original = decode_to_bucket(
+        meta["image_bytes"],
+        buckets,
+        crop or config.crop,
+        crop_rng,
+        min_side=config.bucket_multiple,
+        key=meta["key"],
+    )
+    return {
+        "image": image_to_tensor(image),
+        "key": meta["key"],
+        "caption": meta["caption"],
+        "bucket": bucket,
+        "crop_top_left": top_left,
+        "original_size": original,
+    }
+
+
+def collate(items: list[dict], mode: Literal["images", "latents"], epochs: list[int]) -> dict:
+    """Items of one bucket -> a batch (tensors stacked, keys and captions as lists)."""
+    batch: dict[str, Any] = {
+        "keys": [it["key"] for it in items],
+        "captions": [it["caption"] for it in items],
+        "epochs": epochs,
+        "bucket": items[0]["bucket"],
+        "crop_top_left": torch.tensor([it["crop_top_left"] for it in items]),
+        "original_size": torch.tensor([it["original_size"] for it in items]),
+    }
+    names = ("image",) if mode == "images" else ("mean", "logvar", "context", "pooled")
+    for name in names:
+        batch["images" if name == "image" else name] = torch.stack([it[name] for it in items])
+    return batch
+
+
 class BucketedShardStream(IterableDataset):
     """One rank's infinite stream of bucketed batches (images or cached latents)."""
 
@@ -151,59 +215,7 @@ class BucketedShardStream(IterableDataset):
     # -- per-sample work ----------------------------------------------------------------------
 
     def _item(self, ref: Ref, sample: dict) -> dict:
-        """A raw sample -> one batch item; raises BadSample to skip it."""
-        epoch, url, index = ref
-        if self.mode == "latents":
-            key = sample["__key__"]
-            try:
-                info = json.loads(sample["json"])
-                tensors = decode_tensors(sample["safetensors"])
-            except KeyError as e:
-                raise BadSample("corrupt_image", f"{key}: cache sample has no {e} member") from None
-            except Exception as e:  # a damaged member must not stop the run
-                raise BadSample("corrupt_image", f"{key}: unreadable cache sample: {e}") from None
-            return {
-                **tensors,
-                "key": key,
-                "caption": info.get("caption", ""),
-                "bucket": tuple(info["bucket"]),
-                "crop_top_left": tuple(info["crop_top_left"]),
-                "original_size": tuple(info["original_size"]),
-            }
-        meta = parse_sample(
-            sample, caption=self.config.caption, empty_caption=self.config.empty_caption
-        )
-        crop_rng = random.Random(f"crop:{self.config.seed}:{epoch}:{url}:{index}")
-        image, bucket, top_left, original = decode_to_bucket(
-            meta["image_bytes"],
-            self.buckets,
-            self.config.crop,
-            crop_rng,
-            min_side=self.config.bucket_multiple,
-            key=meta["key"],
-        )
-        return {
-            "image": image_to_tensor(image),
-            "key": meta["key"],
-            "caption": meta["caption"],
-            "bucket": bucket,
-            "crop_top_left": top_left,
-            "original_size": original,
-        }
-
-    def _collate(self, items: list[dict], epochs: list[int]) -> dict:
-        batch: dict[str, Any] = {
-            "keys": [it["key"] for it in items],
-            "captions": [it["caption"] for it in items],
-            "epochs": epochs,
-            "bucket": items[0]["bucket"],
-            "crop_top_left": torch.tensor([it["crop_top_left"] for it in items]),
-            "original_size": torch.tensor([it["original_size"] for it in items]),
-        }
-        names = ("image",) if self.mode == "images" else ("mean", "logvar", "context", "pooled")
-        for name in names:
-            batch["images" if name == "image" else name] = torch.stack([it[name] for it in items])
-        return batch
+        return decode_item(self.config, self.mode, self.buckets, ref, sample)
 
     # -- the stream ---------------------------------------------------------------------------
 
@@ -281,7 +293,7 @@ class BucketedShardStream(IterableDataset):
             if len(queue) == self.batch_size:
                 entries = list(queue)
                 queue.clear()
-                batch = self._collate([it for _, it in entries], [r[0] for r, _ in entries])
+                batch = collate([it for _, it in entries], self.mode, [r[0] for r, _ in entries])
                 state.batches += 1
                 batch["_loader"] = {"worker": logical, "state": snapshot()}
                 yield batch
