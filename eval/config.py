@@ -19,13 +19,22 @@ class EvalConfig:
     cfg_scale: float = 4.5
     shift: float = 3.0
     fid_samples: int = 10_000
+    # FID reference: shards (captions become the prompts) or an image folder; "" = val_shards.
+    fid_reference: str = ""
+    fid_size: int = 0  # square side of generated and reference images; 0 = data.resolution
+    sample_seed: int = 0  # generated image i uses noise seeded with sample_seed + i
+    # torch-fidelity's InceptionV3 weights file; "" = $TORCH_HOME/hub/checkpoints/<its name>.
+    inception_weights: str = ""
+    # open_clip architecture name or model-config JSON, and its local weights file; nothing
+    # is downloaded. The tag applies that tag's settings (OpenAI weights need "openai").
     clip_model: str = "ViT-L-14"
-    clip_checkpoint: str = ""  # local open_clip weights file; nothing is downloaded
+    clip_checkpoint: str = ""
+    clip_pretrained_tag: str = "openai"
 
     def __post_init__(self):
         if self.sigma_bins < 1:
             raise ValueError(f"sigma_bins={self.sigma_bins} must be >= 1")
         if self.sample_steps < 1:
             raise ValueError(f"sample_steps={self.sample_steps} must be >= 1")
-        if self.val_every < 0 or self.val_samples < 0 or self.fid_samples < 0:
-            raise ValueError("val_every, val_samples and fid_samples must be >= 0")
+        if min(self.val_every, self.val_samples, self.fid_samples, self.fid_size) < 0:
+            raise ValueError("val_every, val_samples, fid_samples and fid_size must be >= 0")
