@@ -352,18 +352,24 @@ def _load_exported_file(path: Path) -> tuple[str, MMDiTConfig, dict[str, torch.T
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from mmdit.convert import from_sd3_single_file
+    from mmdit.convert import SINGLE_FILE_PREFIX, from_sd3_single_file
+    from mmdit.typed_config import from_dict
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    if CONFIG_META_KEY in meta:
+        single_file = any(k.startswith(SINGLE_FILE_PREFIX) for k in f.keys())  # noqa: SIM118
+    if not single_file:
         return "mmdit-safetensors", *read_mmdit_safetensors(path)
+    overrides = {}
+    if CONFIG_META_KEY in meta:
+        # Our sd3 exports record the config: the head count and sample_size are not in the
+        # shapes of a single file.
+        recorded = from_dict(MMDiTConfig, json.loads(meta[CONFIG_META_KEY]), source=str(path))
+        overrides = {"num_heads": recorded.num_heads, "sample_size": recorded.sample_size}
     try:
-        config, sd = from_sd3_single_file(load_file(str(path)))
+        config, sd = from_sd3_single_file(load_file(str(path)), **overrides)
     except ValueError as e:
-        raise CheckpointError(
-            f"{path}: neither an mmdit-export file nor an SD3 single file: {e}"
-        ) from None
+        raise CheckpointError(f"{path}: not a readable SD3 single file: {e}") from None
     return "sd3", config, sd
 
 

@@ -439,7 +439,7 @@ class Evaluator:
 
     def evaluate(self, weights: Weights, settings: dict, wanted: list[str]) -> dict:
         device, dtype = self.device, DTYPES[self.dtype_name]
-        cond = conditioning_of(weights, self.args.components)
+        cond = conditioning_of(weights, self.args.components, self.dtype_name)
         model = weights.model(device, dtype)
         vae = load_vae(cond, device)
         text_encoders = None
@@ -500,6 +500,13 @@ def _val_needs_text(settings: Mapping, wanted: list[str]) -> bool:
     return "val_loss" in wanted and _shard_mode(settings["val_shards"]) == "images"
 
 
+def _is_column_of(column: str, metrics: list[str]) -> bool:
+    """Whether a table column belongs to one of these metrics (dropped before recomputing them,
+    so no value from other settings survives next to the new ones)."""
+    prefixes = {"val_loss": ("val_",), "fid": ("fid",), "clip": ("clip_",)}
+    return any(column.startswith(p) for m in metrics for p in prefixes[m])
+
+
 def missing_metrics(row: Mapping | None, metrics: list[str], settings: Mapping) -> list[str]:
     """The requested metrics this row lacks, or has from other settings."""
     column = {"val_loss": "val_loss", "fid": "fid", "clip": "clip_score"}
@@ -554,7 +561,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             ", ".join(todo),
         )
         values = evaluator.evaluate(weights, settings, todo)
-        merged = {**(row or {}), **describe(weights), **values}
+        kept = {k: v for k, v in (row or {}).items() if not _is_column_of(k, todo)}
+        merged = {**kept, **describe(weights), **values}
         rows[row_key(merged)] = merged
         if env.rank == 0:
             write_table(out_dir, list(rows.values()))

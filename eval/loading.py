@@ -36,17 +36,17 @@ def run_config_of(weights: Weights) -> Mapping:
 
 
 def conditioning_of(
-    weights: Weights, components: str | None, dtype: str | None = None
+    weights: Weights, components: str | None, default_dtype: str = "fp32"
 ) -> ConditioningConfig:
-    section = run_config_of(weights).get("conditioning") or {}
+    """The run's conditioning section; for exported weights the SD3 defaults, with the
+    encoders run in `default_dtype` (the sampling dtype: bf16 on GPUs, fp32 on CPUs)."""
+    section = dict(run_config_of(weights).get("conditioning") or {"dtype": default_dtype})
     config = from_dict(ConditioningConfig, section, source=f"{weights.source}: conditioning")
     changes: dict = {}
     if components:
         # Per-component paths of the training machine do not apply to another machine.
         changes = {f.name: "" for f in dataclasses.fields(config) if f.name.endswith("_path")}
         changes["components"] = components
-    if dtype:
-        changes["dtype"] = dtype
     config = dataclasses.replace(config, **changes)
     if not config.components and not config.paths():
         raise CheckpointError(

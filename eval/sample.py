@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     prompts = read_prompts(args.prompt, args.prompts)
     weights = load_weights(args.checkpoint, ema=args.ema)
     width, height = args.size or default_size(weights)
-    cond = conditioning_of(weights, args.components)
+    cond = conditioning_of(weights, args.components, dtype_name)
     log.info(
         "%s (%s weights, step %s): %d prompts at %dx%d, %d steps, cfg %.2f, shift %.2f",
         weights.source,

@@ -5,6 +5,10 @@
     mmdit-submit --config configs/d24_512px.yaml --dry-run         # check, submit nothing
     mmdit-submit --config configs/d24_512px.yaml --emit-sbatch train.sbatch   # plain sbatch
     mmdit-submit --job precompute --config configs/d24_512px.yaml --out /cache/512 --nodes 4
+    mmdit-submit --job eval --config configs/d24_512px.yaml --out runs/d24_512px/eval \
+        --eval-args "--metrics val_loss,fid,clip --weights ema,raw"
+    mmdit-submit --ladder configs/scaling/ladder_cluster.yaml --config configs/d24_256px.yaml \
+        --partition gpu --dry-run
 
 The run file's `launch` section holds the defaults; flags override them. One task per GPU;
 ranks, world size and the rendezvous come from Slurm's variables. The job asks for USR2
@@ -44,9 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="\n\n".join(doc[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_arguments(parser)
-    parser.add_argument("--job", choices=["train", "precompute"], default="train")
-    parser.add_argument("--out", help="precompute only: the cache directory to write")
+    add_config_arguments(parser, required=False)
+    parser.add_argument("--job", choices=["train", "precompute", "eval"], default="train")
+    parser.add_argument(
+        "--out", help="precompute: the cache directory to write; eval: the table directory"
+    )
+    parser.add_argument(
+        "--eval-args",
+        default="",
+        metavar="'ARGS'",
+        help="eval only: mmdit-eval options as one quoted string (default: every checkpoint "
+        "of train.run_dir, --metrics val_loss)",
+    )
+    parser.add_argument(
+        "--ladder",
+        metavar="FILE",
+        help="submit every rung of a scaling ladder (configs/scaling/*.yaml) as a training "
+        "job; --config is then the ladder's base run file",
+    )
     res = parser.add_argument_group("resources (default: the run file's launch section)")
     res.add_argument("--nodes", type=int)
     res.add_argument("--gpus-per-node", type=int, help="one task (rank) per GPU")
@@ -108,14 +127,24 @@ def check_run_dir(run_dir: Path, config: RunConfig) -> None:
 # -- rendering ---------------------------------------------------------------------------------
 
 
-def job_argv(args: argparse.Namespace) -> list[str]:
+def job_argv(args: argparse.Namespace, config: RunConfig) -> list[str]:
+    if args.job == "eval":
+        extra = shlex.split(args.eval_args)
+        argv = ["--out", str(Path(args.out).resolve())]
+        if "--checkpoints" not in extra:
+            argv += ["--checkpoints", str(Path(config.train.run_dir).resolve())]
+        if "--components" not in extra and config.conditioning.components:
+            argv += ["--components", str(Path(config.conditioning.components).resolve())]
+        return argv + extra
     argv = ["--config", str(Path(args.config).resolve()), *args.overrides]
     if args.job == "precompute":
         argv[2:2] = ["--out", str(Path(args.out).resolve())]
     return argv
 
 
-def render_sbatch(args: argparse.Namespace, request: Request, log_dir: Path) -> str:
+def render_sbatch(
+    args: argparse.Namespace, request: Request, log_dir: Path, argv: list[str]
+) -> str:
     template = (TEMPLATES / f"{args.job}.sbatch").read_text()
     values = {
         "SBATCH_LINES": "\n".join(request.sbatch_lines()),
@@ -127,6 +156,7 @@ def render_sbatch(args: argparse.Namespace, request: Request, log_dir: Path) -> 
         "MAX_REQUEUES": str(request.launch.max_requeues),
         "SIGNAL_LEAD": str(request.launch.signal_lead_s),
         "OUT": shlex.quote(str(Path(args.out).resolve())) if args.out else "",
+        "ARGV": " ".join(shlex.quote(a) for a in argv),
     }
     for key, value in values.items():
         template = template.replace(f"@@{key}@@", value)
@@ -154,7 +184,7 @@ def describe(request: Request, argv: list[str], job: str) -> str:
 def submit(args, request: Request, argv: list[str], log_dir: Path):
     import submitit
 
-    from slurm.tasks import PrecomputeTask, TrainTask
+    from slurm.tasks import ResumableTask, TrainTask
 
     la = request.launch
     executor = submitit.SlurmExecutor(folder=log_dir / "%j", max_num_timeout=la.max_requeues)
@@ -178,15 +208,19 @@ def submit(args, request: Request, argv: list[str], log_dir: Path):
     task = (
         TrainTask(tuple(argv), la.max_requeues)
         if args.job == "train"
-        else PrecomputeTask(tuple(argv))
+        else ResumableTask(args.job, tuple(argv))
     )
     return executor.submit(task)
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if not args.config:
+        parser.error("--config FILE is required (or --ladder FILE)")
     config = config_from_args(RunConfig, args, parser)
-    if args.job == "precompute" and not args.out:
-        parser.error("--job precompute needs --out DIR (the cache directory)")
+    if args.job in ("precompute", "eval") and not args.out:
+        parser.error(f"--job {args.job} needs --out DIR (the cache / table directory)")
+    if args.eval_args and args.job != "eval":
+        parser.error("--eval-args is for --job eval")
     launch = with_flags(
         config.launch,
         nodes=args.nodes,
@@ -206,9 +240,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     run_dir = Path(config.train.run_dir if args.job == "train" else args.out).resolve()
     request = Request(launch, job_name=f"mmdit-{args.job}-{run_dir.name}")
     request.minutes  # noqa: B018 (validates launch.time)
-    argv = job_argv(args)
+    argv = job_argv(args, config)
     log_dir = run_dir / "slurm"
-    script = render_sbatch(args, request, log_dir)
+    script = render_sbatch(args, request, log_dir, argv)
     if args.emit_sbatch:
         log_dir.mkdir(parents=True, exist_ok=True)  # Slurm opens --output before the script
         if args.emit_sbatch == "-":
@@ -234,6 +268,35 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(f"follow:     tail -f {out}/{job.job_id}_0_log.err    squeue -j {job.job_id}")
     if args.job == "train":
         print(f"metrics:    {run_dir}/metrics.jsonl   tensorboard --logdir {run_dir}/tensorboard")
+    if args.job == "eval":
+        print(f"table:      {run_dir}/table.csv (rows appear as checkpoints finish)")
+    return 0
+
+
+def run_ladder(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """One training submission per rung: the ladder's base run file plus the rung's overrides
+    (depth, steps, run directory, ...) plus the command line's."""
+    from slurm.ladder import expand, load_ladder, table
+
+    if args.job != "train":
+        parser.error("--ladder submits training jobs; leave out --job")
+    ladder = load_ladder(args.ladder)
+    rungs = expand(ladder)
+    print(table(rungs))
+    failures = 0
+    for rung in rungs:
+        print(f"\n== {rung.name}")
+        rung_args = argparse.Namespace(**vars(args))
+        rung_args.config = str(ladder.base)
+        rung_args.overrides = [*rung.overrides, *args.overrides]
+        try:
+            run(rung_args, parser)
+        except SubmitError as e:
+            failures += 1
+            print(f"mmdit-submit: {rung.name}: error: {e}", file=sys.stderr)
+    if failures:
+        print(f"{failures} of {len(rungs)} rungs were not submitted", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -241,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return run(args, parser)
+        return run_ladder(args, parser) if args.ladder else run(args, parser)
     except SubmitError as e:
         print(f"mmdit-submit: error: {e}", file=sys.stderr)
         return 2

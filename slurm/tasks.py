@@ -25,17 +25,26 @@ class TrainTask:
         return code
 
 
-@dataclass(frozen=True)
-class PrecomputeTask:
-    """mmdit-precompute on every task; rank and world size come from SLURM_PROCID/NTASKS.
-    Resumable (finished cache shards are skipped), so a preempted job is simply resubmitted."""
+# Jobs that resume by being submitted again (finished cache shards and table rows are kept).
+RESUMABLE_ENTRIES = {
+    "precompute": "data_pipeline.precompute",
+    "eval": "eval.evaluate",
+}
 
+
+@dataclass(frozen=True)
+class ResumableTask:
+    """mmdit-precompute or mmdit-eval on every task; rank and world size come from
+    SLURM_PROCID / SLURM_NTASKS. Not requeued: a stopped job is simply submitted again."""
+
+    job: str  # a key of RESUMABLE_ENTRIES
     argv: tuple[str, ...]
 
     def __call__(self) -> int:
-        from data_pipeline.precompute import main
+        import importlib
 
+        main = importlib.import_module(RESUMABLE_ENTRIES[self.job]).main
         code = main(list(self.argv))
         if code:
-            raise RuntimeError(f"mmdit-precompute exited with status {code}")
+            raise RuntimeError(f"mmdit-{self.job} exited with status {code}")
         return code
