@@ -139,6 +139,9 @@ def job_argv(args: argparse.Namespace, config: RunConfig) -> list[str]:
     argv = ["--config", str(Path(args.config).resolve()), *args.overrides]
     if args.job == "precompute":
         argv[2:2] = ["--out", str(Path(args.out).resolve())]
+    elif not Path(config.train.run_dir).is_absolute():
+        # The job starts in the repository; the run directory is where it was meant from here.
+        argv.append(f"train.run_dir={Path(config.train.run_dir).resolve()}")
     return argv
 
 
@@ -152,7 +155,9 @@ def render_sbatch(
         "REPO": shlex.quote(str(REPO)),
         "PYTHON": shlex.quote(sys.executable),
         "CONFIG": shlex.quote(str(Path(args.config).resolve())),
-        "OVERRIDES": " ".join(shlex.quote(o) for o in args.overrides),
+        "OVERRIDES": " ".join(
+            shlex.quote(o) for o in (argv[2:] if args.job == "train" else args.overrides)
+        ),
         "MAX_REQUEUES": str(request.launch.max_requeues),
         "SIGNAL_LEAD": str(request.launch.signal_lead_s),
         "OUT": shlex.quote(str(Path(args.out).resolve())) if args.out else "",

@@ -204,3 +204,33 @@ def test_precompute_job_writes_the_cache_with_two_tasks(
     assert _wait_done(job) == "COMPLETED", _logs(out)[-3000:]
     assert sorted(p.name for p in out.glob("*.tar")) == [f"{i:06d}.tar" for i in range(8)]
     assert (out / "_cache_info.json").is_file()
+
+
+def test_eval_job_splits_the_val_loss_over_two_tasks_and_matches_one_process(
+    uninterrupted, digit_shards, tiny_components, tmp_path, capsys
+):
+    from eval.evaluate import main as eval_main
+
+    run_dir, _ = uninterrupted
+    out = tmp_path / "eval"
+    val = f"--metrics val_loss --val-shards {digit_shards}/{{000006..000007}}.tar --val-samples 16"
+    args = [
+        "--job", "eval", "--config", "configs/debug_cpu.yaml", "--out", str(out), "--cpu",
+        "--gpus-per-node", "2", "--cpus-per-task", "1", "--time", "00:10:00",
+        f"--eval-args={val} --sigma-bins 2 --weights ema,raw",
+        *train_overrides(run_dir, digit_shards, tiny_components),
+    ]  # fmt: skip
+    assert main(args) == 0
+    job = _job_id(capsys.readouterr().out)
+    assert _wait_done(job) == "COMPLETED", _logs(out)[-3000:]
+    rows = json.loads((out / "table.json").read_text())
+    assert [(r["step"], r["weights"]) for r in rows] == [
+        (60, "ema"), (60, "raw"), (STEPS, "ema"), (STEPS, "raw"),
+    ]  # fmt: skip
+    local = tmp_path / "local"
+    assert eval_main([
+        "--checkpoints", f"{run_dir}:{STEPS}", "--components", str(tiny_components),
+        "--out", str(local), *val.split(), "--sigma-bins", "2",
+    ]) == 0  # fmt: skip
+    one = json.loads((local / "table.json").read_text())[0]
+    assert one["val_loss"] == pytest.approx(rows[2]["val_loss"], rel=1e-6)

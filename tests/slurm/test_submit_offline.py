@@ -124,3 +124,25 @@ def test_requeue_limit_stops_with_the_reason(monkeypatch):
     assert requeue.main(["--exit-code", "3", "--max-requeues", "3"]) == 1
     assert requeue.main(["--exit-code", "0", "--max-requeues", "3"]) == 0
     assert requeue.main(["--exit-code", "5", "--max-requeues", "3"]) == 5
+
+
+def test_eval_script_runs_mmdit_eval_on_the_run_directory(capsys, tmp_path):
+    out = tmp_path / "table"
+    script = _emit(capsys, "--job", "eval", "--out", str(out), "--eval-args=--metrics val_loss,fid")
+    srun = script[script.index("srun") :]
+    assert "-m eval.evaluate" in srun and f"--out {out}" in srun
+    assert "--checkpoints" in srun and "--metrics val_loss,fid" in srun
+    assert "#SBATCH --requeue" in script
+
+
+def test_ladder_emits_one_training_job_per_rung(capsys):
+    from slurm.ladder import expand, load_ladder
+
+    ladder = str(Path(D24).parent / "scaling" / "ladder_cpu.yaml")
+    rungs = expand(load_ladder(ladder))
+    assert main(["--ladder", ladder, "--emit-sbatch", "-"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("-m training.train") == len(rungs)
+    for rung in rungs:
+        assert f"train.run_dir={Path(rung.run_dir).resolve()}" in printed
+        assert f"model.depth={rung.depth} train.max_steps={rung.steps}" in printed
