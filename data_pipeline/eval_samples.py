@@ -16,13 +16,24 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from data_pipeline.bad_samples import BadSample, BadSampleCounter
 from data_pipeline.buckets import buckets_for
+from data_pipeline.cache_format import CACHE_INFO
 from data_pipeline.config import DataConfig
 from data_pipeline.loader import collate, decode_item
 from data_pipeline.tar_samples import expand_shards, iter_samples
+
+
+def shard_mode(shards: str) -> Literal["images", "latents"]:
+    """ "latents" for precomputed cache shards (their folder has the cache info), else
+    "images"."""
+    urls = expand_shards(shards)
+    if not urls:
+        raise ValueError(f"no shards match {shards!r}")
+    return "latents" if (Path(urls[0]).parent / CACHE_INFO).is_file() else "images"
 
 
 @dataclass(frozen=True)

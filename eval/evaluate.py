@@ -48,10 +48,9 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.bad_samples import BadSampleCounter
 from data_pipeline.cache_format import CACHE_INFO
 from data_pipeline.config import DataConfig
-from data_pipeline.eval_samples import eval_batches
+from data_pipeline.eval_samples import eval_batches, shard_mode
 from data_pipeline.tar_samples import expand_shards
 from eval.checkpoints import (
     CheckpointError,
@@ -65,7 +64,7 @@ from eval.checkpoints import (
 )
 from eval.config import EvalConfig
 from eval.loading import DTYPES, conditioning_of, load_text_encoders, load_vae, pick_device
-from eval.val_loss import batch_to_inputs, per_sample_losses, reduce_losses
+from eval.val_loss import batch_to_inputs, held_out_loss
 from mmdit import distributed
 from mmdit.atomic_file import write_atomic
 from mmdit.flops import param_counts
@@ -243,47 +242,31 @@ def describe(weights: Weights) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _shard_mode(spec: str) -> str:
-    first = Path(expand_shards(spec)[0])
-    return "latents" if (first.parent / CACHE_INFO).is_file() else "images"
-
-
 def compute_val_loss(model, vae, text_encoders, settings, env, device, dtype) -> dict:
     if not settings["val_shards"]:
         raise CheckpointError(
             "val_loss needs held-out shards: pass --val-shards or set eval.val_shards"
         )
-    data = from_dict(DataConfig, settings["data"], source="settings")
-    counter = BadSampleCounter()
-    batches = eval_batches(
-        data,
+    result = held_out_loss(
+        model,
+        from_dict(DataConfig, settings["data"], source="settings"),
         settings["val_shards"],
-        mode=_shard_mode(settings["val_shards"]),
+        batch_to_inputs(vae, text_encoders),
+        samples=settings["val_samples"],
+        bins=settings["sigma_bins"],
+        noise_seed=settings["noise_seed"],
         batch_size=settings["batch_size"],
         rank=env.rank,
         world_size=env.world_size,
-        limit=settings["val_samples"] or None,
-        counter=counter,
-    )
-    losses = per_sample_losses(
-        model,
-        batches,
-        batch_to_inputs(vae, text_encoders),
-        bins=settings["sigma_bins"],
-        noise_seed=settings["noise_seed"],
+        gather=distributed.gather_objects,
         device=device,
         dtype=dtype,
     )
-    merged: dict[int, list[float]] = {}
-    total = BadSampleCounter()
-    for part, counts in distributed.gather_objects((losses, counter.as_dict())):
-        merged.update({int(k): v for k, v in part.items()})
-        total.merge(counts)
-    bad = {reason: n for reason, n in total.bad.items() if n}
-    result = reduce_losses(
-        merged, bins=settings["sigma_bins"], noise_seed=settings["noise_seed"], bad=bad
-    )
-    return {**result.as_row(), "val_noise_seed": result.noise_seed, "val_bad_samples": bad}
+    return {
+        **result.as_row(),
+        "val_noise_seed": result.noise_seed,
+        "val_bad_samples": result.bad_samples,
+    }
 
 
 def fid_prompts_and_reference(settings: Mapping, env) -> tuple[list[str], dict, object]:
@@ -315,7 +298,7 @@ def fid_prompts_and_reference(settings: Mapping, env) -> tuple[list[str], dict, 
         resolution=size,
         max_aspect_ratio=1.0,  # one square bucket: every image size - size
     )
-    if _shard_mode(reference) != "images":
+    if shard_mode(reference) != "images":
         raise CheckpointError(
             f"--fid-reference {reference}: cache shards hold latents, not images; give the raw "
             "image shards (or an image folder)"
@@ -497,7 +480,7 @@ class Evaluator:
 
 
 def _val_needs_text(settings: Mapping, wanted: list[str]) -> bool:
-    return "val_loss" in wanted and _shard_mode(settings["val_shards"]) == "images"
+    return "val_loss" in wanted and shard_mode(settings["val_shards"]) == "images"
 
 
 def _is_column_of(column: str, metrics: list[str]) -> bool:

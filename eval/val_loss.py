@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from data_pipeline.bad_samples import BadSampleCounter
+from data_pipeline.config import DataConfig
+from data_pipeline.eval_samples import eval_batches, shard_mode
 from mmdit import flow
 
 log = logging.getLogger(__name__)
@@ -135,6 +138,48 @@ def reduce_losses(
         noise_seed=noise_seed,
         bad_samples=dict(bad or {}),
     )
+
+
+def held_out_loss(
+    model_fn: Callable[..., Tensor],
+    data: DataConfig,
+    shards: str,
+    to_inputs: InputsFn,
+    *,
+    samples: int,
+    bins: int,
+    noise_seed: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Callable[[object], list] = lambda obj: [obj],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> ValLoss:
+    """The validation loss of `model_fn` on the first `samples` (0 = all) samples of `shards`,
+    this rank evaluating its share; `gather` (a collective returning every rank's object, e.g.
+    mmdit.distributed.gather_objects) merges the shares."""
+    counter = BadSampleCounter()
+    batches = eval_batches(
+        data,
+        shards,
+        mode=shard_mode(shards),
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        limit=samples or None,
+        counter=counter,
+    )
+    losses = per_sample_losses(
+        model_fn, batches, to_inputs, bins=bins, noise_seed=noise_seed, device=device, dtype=dtype
+    )
+    merged: dict[int, list[float]] = {}
+    total = BadSampleCounter()
+    for part, counts in gather((losses, counter.as_dict())):
+        merged.update({int(k): v for k, v in part.items()})
+        total.merge(counts)
+    bad = {reason: n for reason, n in total.bad.items() if n}
+    return reduce_losses(merged, bins=bins, noise_seed=noise_seed, bad=bad)
 
 
 def batch_to_inputs(vae, text_encoders=None) -> InputsFn:

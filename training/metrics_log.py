@@ -251,6 +251,7 @@ class MetricsLogger:
         parts = [f"step {step}/{self.max_steps}"]
         formats = (
             ("loss", "loss {:.4f}"),
+            ("val_loss", "val loss {:.4f}"),
             ("lr", "lr {:.2e}"),
             ("samples_per_s", "{:.1f} samples/s"),
             ("tflops_per_s", "{:.1f} TFLOP/s"),

@@ -154,6 +154,11 @@ class Trainer:
             run_name=self.run_dir.name,
             config=to_dict(self.config),
         )
+        self.validator = None
+        if self.config.eval.val_every and self.config.eval.val_shards:
+            from training.validation import Validator
+
+            self.validator = Validator(self.config, self.inputs, self.device, self.rank)
         self.previewer = None
         if self.train.preview_every:
             from training.preview import Previewer
@@ -380,7 +385,7 @@ class Trainer:
                 "resume from an earlier checkpoint"
             )
 
-    def _log(self) -> None:
+    def _log(self, extra: dict | None = None) -> None:
         bins = distributed.all_reduce_sum(self.loss_bins).cpu()
         bad = self.loader.bad_counts()
         names = ["good", *REASONS]
@@ -410,7 +415,7 @@ class Trainer:
         )
         if peak:
             metrics["mfu"] = mfu(flops_per_device, peak)
-        self.metrics.log(self.step, metrics)
+        self.metrics.log(self.step, {**metrics, **(extra or {})})
         self._reset_log_window()
 
     def _client_state(self) -> dict:
@@ -460,10 +465,18 @@ class Trainer:
             )
         batches = iter(self.loader)
         last_saved = self.step if self.resume_from is not None else -1
+        if self.validator is not None and self.step == 0:
+            self.metrics.log(0, self.validator.run(self.ema) or {})  # the untrained baseline
+            self._reset_log_window()
         while self.step < t.max_steps:
             self.train_step(batches)
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
-                self._log()
+            val = None
+            if self.validator is not None and self.validator.due(self.step):
+                t0 = time.perf_counter()
+                val = self.validator.run(self.ema) or {}  # {} on ranks other than 0
+                self.window_start += time.perf_counter() - t0  # not training time
+            if val is not None or self.step % t.log_every == 0 or self.step == t.max_steps:
+                self._log(val)
             if self.previewer is not None and self.step % t.preview_every == 0:
                 t0 = time.perf_counter()
                 self.previewer.render(self.ema, self.step)

@@ -20,7 +20,7 @@ from data_pipeline.eval_samples import eval_items
 from eval import val_loss
 from eval.evaluate import main as eval_main
 from eval.sample import main as sample_main
-from tests.training.conftest import REPO, run_training, train_overrides
+from tests.training.conftest import REPO, read_metrics, run_training, train_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +37,9 @@ def trained_run(tmp_path_factory, digit_shards, tiny_components):
         "train.precision": "fp32",
         "train.lr": "1e-3",
         "eval.val_shards": f"{digit_shards}/{{000006..000007}}.tar",
+        "eval.val_every": 2,
+        "eval.val_samples": 24,
+        "eval.sigma_bins": 4,
     }
     args = [
         "--config",
@@ -72,6 +75,17 @@ def test_val_loss_table_has_every_checkpoint_and_weights(trained_run, tiny_compo
     assert rows[2]["train_flops"] == pytest.approx(2 * rows[0]["train_flops"])
     header = (out / "table.csv").read_text().splitlines()[0].split(",")
     assert {"run", "model", "params", "step", "train_flops", "weights", "val_loss"} <= set(header)
+
+
+def test_trainer_logs_the_val_loss_mmdit_eval_computes(trained_run, tiny_components, tmp_path):
+    metrics = read_metrics(trained_run)
+    assert sorted(s for s, row in metrics.items() if "val_loss" in row) == [0, 2, 4]
+    assert set(metrics[2]["val_loss_by_sigma"]) == {"bin0", "bin1", "bin2", "bin3"}
+    out = tmp_path / "eval"
+    args = ["--checkpoints", str(trained_run), "--components", str(tiny_components), *VAL]
+    assert eval_main([*args, "--out", str(out)]) == 0
+    for row in _rows(out):
+        assert row["val_loss"] == pytest.approx(metrics[row["step"]]["val_loss"], rel=1e-6)
 
 
 def test_val_loss_is_deterministic_across_runs_and_world_sizes(

@@ -1,0 +1,90 @@
+"""Validation loss during training, logged with the training metrics.
+
+Every `eval.val_every` steps, and at step 0 of a fresh run, the sharded EMA is gathered into a
+plain MMDiT on rank 0, which computes the SD3-style validation loss of eval.val_loss (fixed
+sigma bins, fixed noise, posterior-mean latents) on the first `eval.val_samples` samples of
+`eval.val_shards`; the other ranks wait. It is the number `mmdit-eval --weights ema` gives for
+the checkpoint of the same step, so the curve in metrics.jsonl and the eval table agree.
+Rank 0 evaluates alone because a full copy of the weights on every rank would cost each of
+them the memory ZeRO-3 saves; on GPUs a few hundred samples take seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from data_pipeline.eval_samples import shard_mode
+from eval.val_loss import batch_to_inputs, held_out_loss
+from mmdit import distributed
+from mmdit.conditioning import TextEncoders
+from mmdit.model import MMDiT
+from training.config import RunConfig
+from training.ema import ShardedEMA, gather_full
+from training.model_inputs import DTYPES, ModelInputs
+
+log = logging.getLogger(__name__)
+
+
+class Validator:
+    def __init__(self, config: RunConfig, inputs: ModelInputs, device: torch.device, rank: int):
+        self.config, self.device, self.rank = config, device, rank
+        ev = config.eval
+        self.every = ev.val_every
+        self.vae = inputs.vae
+        self.text = inputs.text
+        if rank == 0 and self.text is None and shard_mode(ev.val_shards) == "images":
+            # Training reads cached embeddings but the held-out shards are raw images.
+            cond = config.conditioning
+            self.text = TextEncoders.from_pretrained(
+                cond.components or None,
+                paths=cond.paths(),
+                use_t5=cond.use_t5,
+                t5_max_length=cond.t5_max_length,
+                dtype=DTYPES[cond.dtype],
+                device=device,
+            )
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def run(self, ema: ShardedEMA) -> dict | None:
+        """Collective (every rank calls it): the val metrics on rank 0, None elsewhere."""
+        weights = gather_full(ema)
+        metrics = None
+        if self.rank == 0:
+            start = time.perf_counter()
+            model = MMDiT(self.config.model, initialize=False)
+            state = model.state_dict()
+            state.update(weights)
+            model.load_state_dict(state)
+            model.to(self.device).eval()
+            ev = self.config.eval
+            dtype = torch.bfloat16 if self.config.train.precision == "bf16" else torch.float32
+            result = held_out_loss(
+                model,
+                self.config.data,
+                ev.val_shards,
+                batch_to_inputs(self.vae, self.text),
+                samples=ev.val_samples,
+                bins=ev.sigma_bins,
+                noise_seed=ev.noise_seed,
+                batch_size=self.config.train.micro_batch_size,
+                device=self.device,
+                dtype=dtype if self.device.type == "cuda" else torch.float32,
+            )
+            metrics = {
+                "val_loss": result.mean,
+                "val_loss_by_sigma": {f"bin{k}": v for k, v in enumerate(result.per_bin)},
+                "val_samples": result.samples,
+            }
+            log.info(
+                "val_loss %.5f on %d samples (EMA, %.1f s)",
+                result.mean,
+                result.samples,
+                time.perf_counter() - start,
+            )
+        distributed.barrier()
+        return metrics
