@@ -110,5 +110,20 @@ def gather_full(ema: ShardedEMA) -> dict[str, torch.Tensor] | None:
     return out if ema.rank == 0 else None
 
 
+def gather_model(ema: ShardedEMA, config, device: torch.device):
+    """Collective: a plain eval-mode MMDiT(config) holding the EMA on rank 0 (None elsewhere),
+    for previews and validation; buffers the EMA does not keep come from the fresh build."""
+    from mmdit.model import MMDiT
+
+    weights = gather_full(ema)
+    if weights is None:
+        return None
+    model = MMDiT(config, initialize=False)
+    state = model.state_dict()
+    state.update(weights)
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
 def _numel(shape) -> int:
     return int(torch.Size(shape).numel())

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import torch
 
+from eval.loading import load_text_encoders
 from mmdit.conditioning import VAE, TextEncoders
-from mmdit.model import MMDiT
 from mmdit.sampling import generate, image_grid, save_png
 from training.config import RunConfig
-from training.ema import ShardedEMA, gather_full
-from training.model_inputs import DTYPES
+from training.ema import ShardedEMA, gather_model
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +37,7 @@ class Previewer:
         if rank != 0:
             return
         cond = config.conditioning
-        encoders = text_encoders or TextEncoders.from_pretrained(
-            cond.components,
-            paths=cond.paths(),
-            use_t5=cond.use_t5,
-            t5_max_length=cond.t5_max_length,
-            dtype=DTYPES[cond.dtype],
-            device=device,
-        )
+        encoders = text_encoders or load_text_encoders(cond, device)
         prompts = list(config.train.preview_prompts)
         self.text = encoders.encode(prompts)
         self.negative = encoders.encode([""])
@@ -53,14 +45,9 @@ class Previewer:
 
     def render(self, ema: ShardedEMA, step: int) -> Path | None:
         """Collective (every rank calls it); rank 0 writes previews/step_XXXXXXXX.png."""
-        weights = gather_full(ema)
-        if self.rank != 0:
+        model = gather_model(ema, self.config.model, self.device)
+        if model is None:
             return None
-        model = MMDiT(self.config.model, initialize=False)
-        state = model.state_dict()
-        state.update(weights)
-        model.load_state_dict(state)
-        model.to(self.device).eval()
         ev = self.config.eval
         size = self.config.data.resolution
         images = generate(

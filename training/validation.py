@@ -17,13 +17,12 @@ import time
 import torch
 
 from data_pipeline.eval_samples import shard_mode
+from eval.loading import load_text_encoders
 from eval.val_loss import batch_to_inputs, held_out_loss
 from mmdit import distributed
-from mmdit.conditioning import TextEncoders
-from mmdit.model import MMDiT
 from training.config import RunConfig
-from training.ema import ShardedEMA, gather_full
-from training.model_inputs import DTYPES, ModelInputs
+from training.ema import ShardedEMA, gather_model
+from training.model_inputs import ModelInputs
 
 log = logging.getLogger(__name__)
 
@@ -37,30 +36,17 @@ class Validator:
         self.text = inputs.text
         if rank == 0 and self.text is None and shard_mode(ev.val_shards) == "images":
             # Training reads cached embeddings but the held-out shards are raw images.
-            cond = config.conditioning
-            self.text = TextEncoders.from_pretrained(
-                cond.components or None,
-                paths=cond.paths(),
-                use_t5=cond.use_t5,
-                t5_max_length=cond.t5_max_length,
-                dtype=DTYPES[cond.dtype],
-                device=device,
-            )
+            self.text = load_text_encoders(config.conditioning, device)
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
     def run(self, ema: ShardedEMA) -> dict | None:
         """Collective (every rank calls it): the val metrics on rank 0, None elsewhere."""
-        weights = gather_full(ema)
+        model = gather_model(ema, self.config.model, self.device)
         metrics = None
-        if self.rank == 0:
+        if model is not None:
             start = time.perf_counter()
-            model = MMDiT(self.config.model, initialize=False)
-            state = model.state_dict()
-            state.update(weights)
-            model.load_state_dict(state)
-            model.to(self.device).eval()
             ev = self.config.eval
             dtype = torch.bfloat16 if self.config.train.precision == "bf16" else torch.float32
             result = held_out_loss(
