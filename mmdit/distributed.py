@@ -109,14 +109,17 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
 def init_process_group(dist_env: DistEnv, timeout_s: int = 1800) -> torch.device:
     """Export the torch rendezvous variables and start a plain torch process group (NCCL with
     a GPU, else gloo); return our device. The trainer starts its group through DeepSpeed
-    instead (training.launch), which picks the backend of its accelerator."""
-    export_env(dist_env)
+    instead (training.launch), which picks the backend of its accelerator.
+
+    A single process starts no group and leaves the environment alone: it may be a library
+    call inside a longer-lived process whose children must not inherit RANK=0, WORLD_SIZE=1."""
     if torch.cuda.is_available():
         torch.cuda.set_device(dist_env.local_rank)
         device = torch.device("cuda", dist_env.local_rank)
     else:
         device = torch.device("cpu")
     if dist_env.world_size > 1 and not torch.distributed.is_initialized():
+        export_env(dist_env)
         torch.distributed.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
             timeout=timedelta(seconds=timeout_s),

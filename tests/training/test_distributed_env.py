@@ -208,3 +208,17 @@ def test_first_host_falls_back_when_scontrol_prints_nothing(tmp_path, monkeypatc
 def test_first_host_unparsable(no_scontrol):
     with pytest.raises(ValueError, match="cannot parse the Slurm node list"):
         first_host("[1-2]")
+
+
+def test_a_single_process_eval_group_leaves_the_environment_alone(monkeypatch):
+    """An in-process mmdit-eval must not leak RANK/WORLD_SIZE/MASTER_PORT into the jobs the
+    same process launches later (they would all think they are rank 0 of 1)."""
+    from mmdit.distributed import init_process_group
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    import os
+
+    before = dict(os.environ)
+    init_process_group(detect({}))
+    assert dict(os.environ) == before
