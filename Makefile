@@ -31,14 +31,12 @@ slurm-deps:
 test: $(STAMP) slurm-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Until the end-to-end pretraining job exists, the demo is the largest real slice: tiny SD3
-# components written and loaded through the real loaders, prompts and images encoded, and our
-# MMDiT timed against diffusers' SD3Transformer2DModel (same weights, parity checked).
+# The main job at toy size (scripts/demo.py): data from installed packages -> shards -> tiny
+# components with a fitted VAE -> precompute -> DeepSpeed ZeRO-3 pretraining on 2 CPU ranks ->
+# samples, eval table, scaling mini-ladder -> diffusers export. ~13 min on 2 cores; stages whose
+# outputs exist are skipped (rm -rf runs/demo to start over).
 demo: $(STAMP)
-	$(VENV)/bin/mmdit-make-tiny-components --out runs/demo/components --force
-	$(PY) bench/conditioning.py --components runs/demo/components --out runs/demo/conditioning_cpu.json
-	$(PY) bench/model.py --out runs/demo/model_cpu.json
-	@echo "demo: components in runs/demo/components; benchmarks in runs/demo/*.json"
+	$(PY) scripts/demo.py --out runs/demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

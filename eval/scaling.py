@@ -227,7 +227,9 @@ class PowerLawFit:
         return self.E + self.A * np.power(np.asarray(x, dtype=float), -self.alpha)
 
     def formula(self, symbol: str) -> str:
-        term = f"{self.A:.4g} * {symbol}^-{self.alpha:.4g}"
+        # A negative alpha (loss rising with x, e.g. an undertrained larger model) reads ^+.
+        sign = "-" if self.alpha >= 0 else "+"
+        term = f"{self.A:.4g} * {symbol}^{sign}{abs(self.alpha):.4g}"
         return f"{self.E:.4g} + {term}" if self.irreducible else term
 
     def to_json(self, x_name: str, symbol: str) -> dict:

@@ -86,7 +86,7 @@ def per_sample_losses(
     sigmas = bin_sigmas(bins).float().tolist()
     out: dict[int, list[float]] = {}
     done, start = 0, time.monotonic()
-    for batch in batches:
+    for n_batches, batch in enumerate(batches, start=1):
         latents, context, pooled = to_inputs(batch)
         x0 = latents.to(device, torch.float32)
         context, pooled = context.to(device, dtype), pooled.to(device, dtype)
@@ -108,12 +108,15 @@ def per_sample_losses(
         per_sample = torch.stack(losses, dim=1)  # (B, K)
         out.update({i: row.tolist() for i, row in zip(indices, per_sample, strict=True)})
         done += len(indices)
-        log.info(
-            "val loss: %d samples on this rank (%.1f samples/s)",
-            done,
-            done / max(time.monotonic() - start, 1e-9),
-        )
+        if n_batches % 10 == 0:
+            _progress(done, start)
+    _progress(done, start)
     return out
+
+
+def _progress(done: int, start: float) -> None:
+    rate = done / max(time.monotonic() - start, 1e-9)
+    log.info("val loss: %d samples on this rank (%.1f samples/s)", done, rate)
 
 
 def reduce_losses(
