@@ -33,7 +33,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "demo_cpu.yaml"
 LADDER = REPO / "configs" / "scaling" / "ladder_demo.yaml"
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 BIN = Path(sys.executable).parent
 
 
@@ -128,6 +127,8 @@ def train(out: Path, quick: bool) -> None:
 
 def evaluate(out: Path, quick: bool) -> None:
     stage("4/6 samples, evaluation table, scaling mini-ladder")
+    from data_pipeline.demo_data import DIGIT_WORDS
+
     prompts = out / "prompts.txt"
     prompts.write_text("".join(f"a handwritten digit {w}\n" for w in DIGIT_WORDS) * 2)
     run(tool("mmdit-sample"), "--checkpoint", out / "train", "--ema", "--components",
@@ -162,7 +163,6 @@ def _feature_weights_present() -> bool:
 
 
 def ladder(out: Path, quick: bool) -> None:
-    sys.path.insert(0, str(REPO))
     from slurm.ladder import expand, load_ladder
 
     spec = load_ladder(LADDER)

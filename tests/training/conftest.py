@@ -11,22 +11,21 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from data_pipeline.demo_data import DIGIT_WORDS, render_digit
 
 REPO = Path(__file__).resolve().parents[2]
-WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 def digit_members(index: int, image: np.ndarray, label: int) -> list[tuple[str, bytes]]:
-    pixels = (255 - image * 255 / 16).astype(np.uint8)  # dark ink on white paper
-    img = Image.fromarray(pixels).resize((32, 32), Image.BICUBIC).convert("RGB")
+    img = render_digit(image, 32)  # dark ink on white paper, as the demo set draws it
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     key = f"digit{index:05d}"
     meta = {"width": 32, "height": 32, "source": "sklearn.datasets.load_digits"}
     return [
         (f"{key}.png", buf.getvalue()),
-        (f"{key}.txt", f"a handwritten digit {WORDS[label]}".encode()),
+        (f"{key}.txt", f"a handwritten digit {DIGIT_WORDS[label]}".encode()),
         (f"{key}.json", json.dumps(meta).encode()),
     ]
 
