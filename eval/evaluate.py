@@ -115,12 +115,12 @@ def _section(config: Mapping, name: str, cls, source: str):
     return from_dict(cls, config.get(name) or {}, source=f"{source}: {name}")
 
 
-def resolve_settings(args: argparse.Namespace, first: Weights) -> dict:
+def resolve_settings(args: argparse.Namespace, first: Target) -> dict:
     """Every setting that changes a number, from the flags, else the first checkpoint's run
     config, else the defaults. Recorded in each row and hashed into its settings id."""
-    config = read_run_config(first.source) if first.kind == "checkpoint" else {}
-    ev = _section(config, "eval", EvalConfig, first.source)
-    data = _section(config, "data", DataConfig, first.source)
+    config = read_run_config(first.spec) if first.weights != "exported" else {}
+    ev = _section(config, "eval", EvalConfig, first.spec)
+    data = _section(config, "data", DataConfig, first.spec)
 
     def pick(flag, default):
         return default if flag is None else flag
@@ -187,8 +187,12 @@ def read_table(out_dir: Path) -> list[dict]:
     return rows
 
 
+def row_order(row: Mapping) -> tuple:
+    return str(row["run"]), row["step"] or 0, str(row["weights"])
+
+
 def write_table(out_dir: Path, rows: list[dict]) -> None:
-    rows = sorted(rows, key=lambda r: (str(r["run"]), r["step"] or 0, str(r["weights"])))
+    rows = sorted(rows, key=row_order)
     write_atomic(out_dir / "table.json", json.dumps(rows, indent=1, default=str) + "\n")
     columns: list[str] = []
     for row in rows:
@@ -269,7 +273,7 @@ def compute_val_loss(model, vae, text_encoders, settings, env, device, dtype) ->
     }
 
 
-def fid_prompts_and_reference(settings: Mapping, env) -> tuple[list[str], dict, object]:
+def fid_prompts_and_reference(settings: Mapping) -> tuple[list[str], dict, object]:
     """(all prompts in order, the reference's cache key, a callable yielding reference uint8
     batches) for the FID / CLIP reference set."""
     from eval.fid import load_image_folder
@@ -320,57 +324,47 @@ def fid_prompts_and_reference(settings: Mapping, env) -> tuple[list[str], dict, 
 
 
 def generate_images(model, vae, text_encoders, prompts, settings, env, device, dtype):
-    """This rank's share (indices rank, rank + world, ...) of the generated images, as
-    {index: uint8 (3, H, W)}; image i uses noise seed settings["seed"] + i."""
-    mine = list(range(env.rank, len(prompts), env.world_size))
+    """This rank's contiguous share of the generated images, as {index: uint8 (3, H, W)}.
+    Image i uses noise seed settings["seed"] + i (mmdit.sampling.generate seeds row j of a
+    call with seed + j), so the images do not depend on the number of ranks or the batch."""
+    n, batch = len(prompts), settings["batch_size"]
+    share = range(n * env.rank // env.world_size, n * (env.rank + 1) // env.world_size)
     negative = text_encoders.encode([""])
     out: dict[int, torch.Tensor] = {}
-    start, batch = time.monotonic(), settings["batch_size"]
-    for lo in range(0, len(mine), batch):
-        chunk = mine[lo : lo + batch]
-        text = text_encoders.encode([prompts[i] for i in chunk])
-        for i, image in zip(
-            chunk,
-            _generate_each(model, vae, text, negative, chunk, settings, device, dtype),
-            strict=True,
-        ):
-            out[i] = image
-        done = lo + len(chunk)
-        rate = done / max(time.monotonic() - start, 1e-9)
-        eta = (len(mine) - done) / max(rate, 1e-9)
-        log.info(
-            "generated %d/%d images on rank %d (%.2f img/s, ETA %.0f s)",
-            done,
-            len(mine),
-            env.rank,
-            rate,
-            eta,
-        )
-    return out
-
-
-def _generate_each(model, vae, text, negative, indices, settings, device, dtype):
-    """One generate call per image so image i is seeded by seed + i whatever the split."""
-    images = []
-    for row, index in enumerate(indices):
-        img = generate(
+    start = time.monotonic()
+    for lo in range(share.start, share.stop, batch):
+        hi = min(lo + batch, share.stop)
+        text = text_encoders.encode(prompts[lo:hi])
+        images = generate(
             model,
             vae,
-            text.context[row : row + 1].float(),
-            text.pooled[row : row + 1].float(),
+            text.context.float(),
+            text.pooled.float(),
             neg_context=negative.context.float(),
             neg_pooled=negative.pooled.float(),
             height=settings["fid_size"],
             width=settings["fid_size"],
-            seed=settings["seed"] + index,
+            seed=settings["seed"] + lo,
             steps=settings["steps"],
             cfg_scale=settings["cfg"],
             shift=settings["shift"],
+            batch_size=batch,
             device=device,
             dtype=dtype,
         )
-        images.append(torch.from_numpy(to_uint8(img)).permute(0, 3, 1, 2)[0])
-    return images
+        pixels = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+        out.update(zip(range(lo, hi), pixels, strict=True))
+        done = hi - share.start
+        rate = done / max(time.monotonic() - start, 1e-9)
+        log.info(
+            "generated %d/%d images on rank %d (%.2f img/s, ETA %.0f s)",
+            done,
+            len(share),
+            env.rank,
+            rate,
+            (len(share) - done) / max(rate, 1e-9),
+        )
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,6 +380,7 @@ class Evaluator:
         self.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
         self.inception = self.clip = None
         self.reference = None  # (prompts, FidStatistics or None)
+        self._components: dict = {}
 
     def feature_models(self, settings):
         from eval.clip_score import ClipScorer
@@ -402,11 +397,20 @@ class Evaluator:
                 pretrained_tag=settings["clip_pretrained_tag"] or None,
             )
 
+    def components(self, cond, needs_text: bool):
+        """(VAE, text encoders or None), loaded once per conditioning setup: the checkpoints of
+        a run share theirs."""
+        if self._components.get("cond") != cond:
+            self._components = {"cond": cond, "vae": load_vae(cond, self.device)}
+        if needs_text and "text" not in self._components:
+            self._components["text"] = load_text_encoders(cond, self.device)
+        return self._components["vae"], self._components.get("text")
+
     def reference_stats(self, settings):
         from eval.fid import reference_statistics
 
         if self.reference is None:
-            prompts, key, images = fid_prompts_and_reference(settings, self.env)
+            prompts, key, images = fid_prompts_and_reference(settings)
             stats = None
             if "fid" in self.metrics:
                 if self.env.rank == 0:
@@ -424,11 +428,8 @@ class Evaluator:
         device, dtype = self.device, DTYPES[self.dtype_name]
         cond = conditioning_of(weights, self.args.components, self.dtype_name)
         model = weights.model(device, dtype)
-        vae = load_vae(cond, device)
-        text_encoders = None
         needs_text = "fid" in wanted or "clip" in wanted or _val_needs_text(settings, wanted)
-        if needs_text:
-            text_encoders = load_text_encoders(cond, device)
+        vae, text_encoders = self.components(cond, needs_text)
         row: dict = {}
         if "val_loss" in wanted:
             t0 = time.monotonic()
@@ -515,25 +516,27 @@ def run(args: argparse.Namespace) -> list[dict]:
     targets = expand_targets(args.checkpoints, weights_kinds, args.latest_only)
     out_dir = Path(args.out)
     rows = {row_key(r): r for r in read_table(out_dir)}
-    settings = None
+    if not targets:
+        raise CheckpointError("--checkpoints names nothing to evaluate")
+    settings = resolve_settings(args, targets[0])
+    settings["batch_size"] = args.batch_size
+    # Missing feature-extractor weights fail here, before any image is generated.
+    evaluator.feature_models(settings)
     for n, target in enumerate(targets, 1):
-        weights = load_weights(target.spec, ema=target.weights == "ema")
-        if settings is None:
-            settings = resolve_settings(args, weights)
-            settings["batch_size"] = args.batch_size
-            # Missing feature-extractor weights fail here, before any image is generated.
-            evaluator.feature_models(settings)
-        row = rows.get((weights.source, weights.weights))
+        # A row's key is what load_weights reports as source and weights: decided before the
+        # (for raw ZeRO-3 weights, costly) load, so a resumed evaluation skips for free.
+        row = rows.get((target.spec, target.weights))
         todo = missing_metrics(row, evaluator.metrics, settings)
         if not todo:
             log.info(
                 "[%d/%d] %s (%s): already in the table",
                 n,
                 len(targets),
-                weights.source,
-                weights.weights,
+                target.spec,
+                target.weights,
             )
             continue
+        weights = load_weights(target.spec, ema=target.weights == "ema")
         log.info(
             "[%d/%d] %s (%s weights, step %s): %s",
             n,
@@ -552,7 +555,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         distributed.barrier()
     if env.rank == 0 and not (out_dir / "table.json").is_file():
         write_table(out_dir, list(rows.values()))
-    return sorted(rows.values(), key=lambda r: (str(r["run"]), r["step"] or 0, str(r["weights"])))
+    return sorted(rows.values(), key=row_order)
 
 
 def build_parser() -> argparse.ArgumentParser:
