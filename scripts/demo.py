@@ -135,17 +135,11 @@ def evaluate(out: Path, quick: bool) -> None:
         out / "components", "--prompts", prompts, "--nrow", "10", "--steps", "28",
         "--out", out / "samples.png")  # fmt: skip
     metrics = "val_loss"
-    if _feature_weights_present():
-        metrics += ",fid,clip"
+    missing = _missing_feature_weights()
+    if missing:
+        print(f"demo: FID and CLIP score are left out: {missing}", flush=True)
     else:
-        print(
-            "demo: FID and CLIP score are left out: their weights are not on this machine. "
-            "Put torch-fidelity's weights-inception-2015-12-05-6726825d.pth in "
-            "$TORCH_HOME/hub/checkpoints/ (from https://github.com/toshas/torch-fidelity/"
-            "releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth) and an "
-            "open_clip ViT-L-14 checkpoint at $MMDIT_CLIP_CHECKPOINT to add them.",
-            flush=True,
-        )
+        metrics += ",fid,clip"
     clip = os.environ.get("MMDIT_CLIP_CHECKPOINT", "")
     extra = ["--clip-checkpoint", clip] if clip else []
     run(tool("mmdit-eval"), "--checkpoints", out / "train", "--metrics", metrics,
@@ -153,13 +147,21 @@ def evaluate(out: Path, quick: bool) -> None:
     ladder(out, quick)
 
 
-def _feature_weights_present() -> bool:
-    import torch
+def _missing_feature_weights() -> str:
+    """Why FID / CLIP score cannot run here ("" when both weights files are present): the
+    Inception file is looked up as mmdit-eval does, and its error names file, places and URL."""
+    from eval.fid import MissingWeightsError, find_inception_weights
 
-    inception = (
-        Path(torch.hub.get_dir()) / "checkpoints" / ("weights-inception-2015-12-05-6726825d.pth")
-    )
-    return inception.is_file() and Path(os.environ.get("MMDIT_CLIP_CHECKPOINT", "-")).is_file()
+    try:
+        find_inception_weights()
+    except MissingWeightsError as e:
+        return str(e)
+    if not Path(os.environ.get("MMDIT_CLIP_CHECKPOINT", "-")).is_file():
+        return (
+            "set MMDIT_CLIP_CHECKPOINT to a local open_clip ViT-L-14 checkpoint file (OpenAI "
+            "weights) to add CLIP score, and with it FID"
+        )
+    return ""
 
 
 def ladder(out: Path, quick: bool) -> None:
