@@ -48,7 +48,10 @@ class Validator:
         if model is not None:
             start = time.perf_counter()
             ev = self.config.eval
-            dtype = torch.bfloat16 if self.config.train.precision == "bf16" else torch.float32
+            # bf16 on GPUs for bf16 runs, as mmdit-eval does; the CPU evaluates in fp32.
+            bf16 = self.device.type == "cuda" and self.config.train.precision == "bf16"
+            dtype = torch.bfloat16 if bf16 else torch.float32
+            model = model.to(dtype)
             result = held_out_loss(
                 model,
                 self.config.data,
@@ -59,7 +62,7 @@ class Validator:
                 noise_seed=ev.noise_seed,
                 batch_size=self.config.train.micro_batch_size,
                 device=self.device,
-                dtype=dtype if self.device.type == "cuda" else torch.float32,
+                dtype=dtype,
             )
             metrics = {
                 "val_loss": result.mean,
