@@ -111,19 +111,25 @@ def _steps_text(root: Path) -> str:
     return ", ".join(map(str, steps)) if steps else "none"
 
 
+def _run_and_step(text: str) -> tuple[Path, int | None]:
+    """`RUN:STEP`, `RUN/STEP` and `RUN/step_N` -> (RUN, STEP); anything else -> (path, None)."""
+    path = Path(text)
+    if _checkpoints_root(path) is None:
+        colon = re.fullmatch(r"(.+):(\d+)", text)
+        name = re.fullmatch(r"(?:step_)?(\d+)", path.name)
+        if colon:
+            return Path(colon.group(1)), int(colon.group(2))
+        if name:
+            return path.parent, int(name.group(1))
+    return path, None
+
+
 def is_training_checkpoint(spec: str | os.PathLike) -> bool:
     """Whether `spec` names a run or a checkpoint directory (rather than an exported file or
     a diffusers folder)."""
-    text = str(spec)
-    path = Path(text)
-    if (path / MANIFEST).is_file() or _checkpoints_root(path) is not None:
+    if (Path(spec) / MANIFEST).is_file():
         return True
-    colon = re.fullmatch(r"(.+):(\d+)", text)
-    if colon and _checkpoints_root(Path(colon.group(1))) is not None:
-        return True
-    return bool(
-        re.fullmatch(r"(?:step_)?(\d+)", path.name) and _checkpoints_root(path.parent) is not None
-    )
+    return _checkpoints_root(_run_and_step(str(spec))[0]) is not None
 
 
 def resolve_checkpoint(spec: str | os.PathLike) -> Path:
@@ -131,17 +137,9 @@ def resolve_checkpoint(spec: str | os.PathLike) -> Path:
     RUN, RUN:STEP, RUN/STEP, RUN/step_N, RUN/checkpoints/step_N or any directory with a
     manifest. Unpublished (incomplete) checkpoints do not count."""
     text = str(spec)
-    path = Path(text)
-    step: int | None = None
-    if (path / MANIFEST).is_file():
-        return path
-    if _checkpoints_root(path) is None:
-        colon = re.fullmatch(r"(.+):(\d+)", text)
-        name = re.fullmatch(r"(?:step_)?(\d+)", path.name)
-        if colon:
-            path, step = Path(colon.group(1)), int(colon.group(2))
-        elif name:
-            path, step = path.parent, int(name.group(1))
+    if (Path(text) / MANIFEST).is_file():
+        return Path(text)
+    path, step = _run_and_step(text)
     root = _checkpoints_root(path)
     if root is None:
         raise CheckpointError(
