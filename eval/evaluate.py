@@ -63,7 +63,14 @@ from eval.checkpoints import (
     run_checkpoints,
 )
 from eval.config import EvalConfig
-from eval.loading import DTYPES, conditioning_of, load_text_encoders, load_vae, pick_device
+from eval.loading import (
+    DTYPES,
+    conditioning_of,
+    load_text_encoders,
+    load_vae,
+    pick_device,
+    run_config_of,
+)
 from eval.val_loss import batch_to_inputs, held_out_loss
 from mmdit import distributed
 from mmdit.atomic_file import write_atomic
@@ -207,7 +214,7 @@ def write_table(out_dir: Path, rows: list[dict]) -> None:
 
 def describe(weights: Weights) -> dict:
     """The columns that place a row on a scaling plot: size, step, data and compute seen."""
-    config = read_run_config(weights.source) if weights.kind == "checkpoint" else {}
+    config = run_config_of(weights)
     params = param_counts(weights.config)["total"]
     row: dict = {
         "run": weights.run_dir.name if weights.run_dir else Path(weights.source).name,
