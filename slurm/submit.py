@@ -5,10 +5,11 @@
     mmdit-submit --config configs/d24_512px.yaml --dry-run         # check, submit nothing
     mmdit-submit --config configs/d24_512px.yaml --emit-sbatch train.sbatch   # plain sbatch
     mmdit-submit --job precompute --config configs/d24_512px.yaml --out /cache/512 --nodes 4
-    mmdit-submit --job eval --config configs/d24_512px.yaml --out runs/d24_512px/eval \
+    mmdit-submit --job eval --config configs/d24_512px.yaml --out runs/d24_512px/eval \\
         --eval-args "--metrics val_loss,fid,clip --weights ema,raw"
-    mmdit-submit --ladder configs/scaling/ladder_cluster.yaml --config configs/d24_256px.yaml \
+    mmdit-submit --ladder configs/scaling/ladder_cluster.yaml --config configs/d24_256px.yaml \\
         --partition gpu --dry-run
+    mmdit-submit --config configs/d24_512px.yaml --wait && mmdit-submit --job eval ...
 
 The run file's `launch` section holds the defaults; flags override them. One task per GPU;
 ranks, world size and the rendezvous come from Slurm's variables. The job asks for USR2
@@ -19,19 +20,30 @@ allocation resumes from that checkpoint. Logs and submitit's files go to RUN_DIR
 Everything is checked before submission: the config, the partition (`sinfo`), the whole
 request (`sbatch --test-only`), and that the run directory is not in use by a live job or
 holding a run of another model. `--dry-run` runs the same checks and prints the request.
+
+`--wait` follows the submitted job to its final state (one line per state change, requeues
+included) and sets the exit status: 0 COMPLETED, 1 ended in another state (FAILED, TIMEOUT,
+CANCELLED, ...), 2 not submitted, 3 still not final after --wait-timeout (the job goes on).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
-import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from mmdit.typed_config import add_config_arguments, config_from_args, load, to_dict
+from slurm.job_state import (
+    JobStateTimeout,
+    Observation,
+    current_state,
+    is_final,
+    wait_for_final_state,
+)
 from slurm.request import Request, SubmitError, slurm_available, validate, with_flags
 from training.config import RunConfig
 
@@ -80,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--exclusive", action="store_true", default=None)
     res.add_argument("--signal-lead", type=int, dest="signal_lead_s", help="seconds")
     res.add_argument("--max-requeues", type=int)
+    follow = parser.add_argument_group("following the job")
+    follow.add_argument(
+        "--wait",
+        action="store_true",
+        help="after submitting, follow the job until it ends; exit 0 only if it COMPLETED",
+    )
+    follow.add_argument(
+        "--wait-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="with --wait: stop following after this long, exit 3 (the job goes on). "
+        "Default: no limit (queue time and requeues can take days)",
+    )
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--dry-run", action="store_true", help="check and print; submit nothing")
     what.add_argument(
@@ -92,10 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def job_is_alive(job_id: str) -> bool:
-    out = subprocess.run(
-        ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60
-    )
-    return out.returncode == 0 and bool(out.stdout.strip())
+    """Queued, running or requeued (PENDING again): the controller knows the job and it is not
+    final. The controller never forgets a live job, whereas sacct can still say RUNNING for a
+    job that has ended (its record lags, or the end never reached the database)."""
+    obs = current_state(job_id)
+    return obs.source == "scontrol" and not is_final(obs.state)
 
 
 def check_run_dir(run_dir: Path, config: RunConfig) -> None:
@@ -218,9 +244,36 @@ def submit(args, request: Request, argv: list[str], log_dir: Path):
     return executor.submit(task)
 
 
+def follow(job_id: str, timeout_s: float | None = None, poll_s: float = 2.0) -> int:
+    """--wait: print each state change of the job until it is final; the exit status."""
+
+    def show(obs: Observation, seconds: float) -> None:
+        print(f"job {job_id}: {obs.state or 'not known yet'} ({seconds:.0f} s)", flush=True)
+
+    try:
+        state = wait_for_final_state(
+            job_id, math.inf if timeout_s is None else timeout_s, poll_s, on_change=show
+        )
+    except JobStateTimeout as e:
+        print(f"mmdit-submit: --wait-timeout: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(
+            f"\nstopped following job {job_id}; it goes on (`scancel {job_id}` stops it)",
+            file=sys.stderr,
+        )
+        return 130
+    if state != "COMPLETED":
+        print(f"mmdit-submit: job {job_id} ended {state}, not COMPLETED", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not args.config:
         parser.error("--config FILE is required (or --ladder FILE)")
+    if args.wait and (args.dry_run or args.emit_sbatch):
+        parser.error("--wait follows a submitted job; --dry-run and --emit-sbatch submit none")
     config = config_from_args(RunConfig, args, parser)
     if args.job in ("precompute", "eval") and not args.out:
         parser.error(f"--job {args.job} needs --out DIR (the cache / table directory)")
@@ -275,7 +328,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"metrics:    {run_dir}/metrics.jsonl   tensorboard --logdir {run_dir}/tensorboard")
     if args.job == "eval":
         print(f"table:      {run_dir}/table.csv (rows appear as checkpoints finish)")
-    return 0
+    return follow(job.job_id, args.wait_timeout) if args.wait else 0
 
 
 def run_ladder(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -285,6 +338,8 @@ def run_ladder(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     if args.job != "train":
         parser.error("--ladder submits training jobs; leave out --job")
+    if args.wait:
+        parser.error("--wait follows one job; --ladder submits one per rung")
     ladder = load_ladder(args.ladder)
     rungs = expand(ladder)
     print(table(rungs))
@@ -308,6 +363,8 @@ def run_ladder(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.wait_timeout is not None and not args.wait:
+        parser.error("--wait-timeout is for --wait")
     try:
         return run_ladder(args, parser) if args.ladder else run(args, parser)
     except SubmitError as e:
