@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -104,6 +105,23 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
             launcher="srun",
         )
     return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """`count` distinct TCP ports that are free now, chosen by the OS (bind to port 0), for a
+    process's rendezvous (MASTER_PORT) when no launcher picks one: fixed ports collide when two
+    runs share a machine. The ports are released on return, so hand them on at once; between
+    that and the bind another program could take one, which the OS's choice makes unlikely."""
+    socks = []
+    try:
+        for _ in range(count):  # all held open while picking, so they differ
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def init_process_group(dist_env: DistEnv, timeout_s: int = 1800) -> torch.device:

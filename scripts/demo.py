@@ -120,8 +120,10 @@ def build_components(out: Path, quick: bool) -> None:
 
 def train(out: Path, quick: bool) -> None:
     stage("3/6 pretraining: DeepSpeed ZeRO-3 on 2 local ranks (torchrun)")
-    run(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        "--master_port=29591", "-m", "training.train", "--config", CONFIG,
+    # --standalone: a rendezvous port chosen by the OS (a fixed one collides with tests or a
+    # second demo on the machine).
+    run(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+        "-m", "training.train", "--config", CONFIG,
         *train_overrides(out, quick))  # fmt: skip
 
 
@@ -165,11 +167,14 @@ def _missing_feature_weights() -> str:
 
 
 def ladder(out: Path, quick: bool) -> None:
+    from mmdit.distributed import free_ports
     from slurm.ladder import expand, load_ladder
 
     spec = load_ladder(LADDER)
+    rungs = expand(spec)
     jobs = []
-    for port, rung in enumerate(expand(spec), start=29592):
+    # Each single-process rung still opens a process group: distinct ports from the OS.
+    for port, rung in zip(free_ports(len(rungs)), rungs, strict=True):
         overrides = [o for o in rung.overrides if not o.startswith("train.run_dir=")]
         if quick:
             overrides = [o for o in overrides if not o.startswith("train.max_steps=")]

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.demo_data import DIGIT_WORDS, render_digit
+from mmdit.distributed import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,7 +52,6 @@ def train_overrides(run_dir: Path, shards: Path, components: Path, **extra) -> l
 
 
 INSTRUMENTED = Path(__file__).with_name("instrumented_train.py")
-_ports = iter(range(29700, 29800))
 
 
 def run_training(
@@ -63,14 +63,16 @@ def run_training(
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     if nproc == 1:
         cmd = [sys.executable, str(INSTRUMENTED), *args]
-        env["MASTER_PORT"] = str(next(_ports))  # a single process still opens a group
+        # A single process still opens a group; a port from the OS, as fixed ones collide
+        # with another test session or a demo on the same machine.
+        env["MASTER_PORT"] = str(free_ports(1)[0])
     else:
         cmd = [
             sys.executable,
             "-m",
             "torch.distributed.run",
             f"--nproc_per_node={nproc}",
-            f"--master_port={next(_ports)}",
+            "--standalone",  # the rendezvous on a port the OS picks
             str(INSTRUMENTED),
             *args,
         ]
