@@ -10,6 +10,9 @@ are started directly -- no systemd -- with every file under one root directory::
 
 The daemons run in the foreground of their own sessions (so they outlive the process that
 started them) on free TCP ports on 127.0.0.1, so two clusters, or a stale one, never collide.
+Each cluster also numbers its jobs from its own block of ids (``FirstJobId``), because a job's
+rendezvous port derives from its id: two clusters counting from 1 would give their jobs the
+same ports.
 One node, ``localhost``, exposes ``cpus`` CPUs (as many tasks) in one partition. Accounting
 (slurmdbd + MariaDB) is on, because submitit follows job state with ``sacct``.
 
@@ -27,6 +30,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import random
+import re
 import shutil
 import signal
 import socket
@@ -63,6 +68,13 @@ REQUIRED_BINARIES = (
 _SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 _UNIX_SOCKET_MAX = 107
 
+# Jobs take MASTER_PORT = 20000 + job id % 20000 (mmdit.distributed, slurm/templates). Each
+# cluster starts its ids in a block of 100 of its own; blocks 1..126 (ids 101 ... 12700) keep
+# those ports below Linux's ephemeral range (32768+), where the OS hands out the free ports
+# that other programs (and these daemons) bind.
+_JOB_ID_BLOCK = 100
+_JOB_ID_BLOCKS = range(1, 127)
+
 
 class SlurmClusterError(RuntimeError):
     """The local cluster could not be started, or another one already runs under the root."""
@@ -90,6 +102,36 @@ def _free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def _running_first_job_ids() -> set[int]:
+    """FirstJobId of every local cluster whose slurmctld runs on this machine now (read from
+    the slurm.conf named by its SLURM_CONF)."""
+    found = set()
+    proc = Path("/proc")
+    for entry in proc.iterdir() if proc.is_dir() else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "slurmctld":
+                continue
+            env = (entry / "environ").read_bytes().split(b"\0")
+            conf = next(v[len(b"SLURM_CONF=") :] for v in env if v.startswith(b"SLURM_CONF="))
+            match = re.search(r"^FirstJobId=(\d+)", Path(conf.decode()).read_text(), re.M)
+        except (OSError, StopIteration, UnicodeDecodeError):
+            continue
+        if match:
+            found.add(int(match.group(1)))
+    return found
+
+
+def pick_first_job_id(in_use: set[int]) -> int:
+    """The first job id of a new cluster: a block whose job ports no cluster in ``in_use``
+    (their first job ids) covers; random, so clusters starting at once rarely pick alike."""
+    taken = {(i % 20000) // _JOB_ID_BLOCK for i in in_use}
+    free = [b for b in _JOB_ID_BLOCKS if b not in taken] or list(_JOB_ID_BLOCKS)
+    # SystemRandom: test runners seed `random` alike in every session.
+    return random.SystemRandom().choice(free) * _JOB_ID_BLOCK + 1
 
 
 def _pid_alive(pid: int) -> bool:
@@ -133,6 +175,7 @@ class LocalSlurmCluster:
         self.start_timeout = float(start_timeout)
         self._procs: dict[str, subprocess.Popen] = {}
         self.ports: dict[str, int] = {}  # daemon -> TCP port on 127.0.0.1, set by start()
+        self.first_job_id: int | None = None  # set by start()
         self.start_seconds: float | None = None  # how long the last start() took
 
     # ----- paths -----------------------------------------------------------------------------
@@ -264,6 +307,7 @@ class LocalSlurmCluster:
         ctld_port, slurmd_port, dbd_port, db_port = _free_ports(4)
         self.ports = {"slurmctld": ctld_port, "slurmd": slurmd_port, "slurmdbd": dbd_port}
         self.ports["mariadb"] = db_port
+        self.first_job_id = pick_first_job_id(_running_first_job_ids())
         r, munge = self.root, self.munge_socket
         slurm_conf = f"""\
 # Written by slurm/local_cluster.py: a single-node cluster under {r}. No cgroups anywhere.
@@ -300,6 +344,8 @@ ReturnToService=2
 KillWait=3
 JobRequeue=1
 MaxJobCount=10000
+# Its own block of job ids, hence of job rendezvous ports (see pick_first_job_id).
+FirstJobId={self.first_job_id}
 MinJobAge=300
 InactiveLimit=0
 Waittime=0

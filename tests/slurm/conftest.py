@@ -1,4 +1,5 @@
-"""The `slurm_cluster` fixture: one real local Slurm cluster for the whole test session."""
+"""The `slurm_cluster` fixture: one real local Slurm cluster for the whole test session; and
+`job_port`, the rendezvous port of a job."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import time
 
 import pytest
 
+from mmdit.distributed import detect
 from slurm.local_cluster import LocalSlurmCluster, SlurmClusterError, missing_binaries
+
+
+def job_port(job_id: int | str) -> int:
+    """The rendezvous port a task of this Slurm job takes (the product's rule)."""
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": str(job_id)}
+    return detect({**env, "MASTER_ADDR": "127.0.0.1"}).master_port
 
 
 @pytest.fixture(scope="session")
