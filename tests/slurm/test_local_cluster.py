@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from slurm.local_cluster import DAEMONS, LocalSlurmCluster, SlurmClusterError, _pid_alive
+from slurm.job_state import JobStateTimeout, wait_for_final_state
+from slurm.local_cluster import (
+    DAEMONS,
+    LocalSlurmCluster,
+    SlurmClusterError,
+    _pid_alive,
+    _running_first_job_ids,
+)
+from slurm.submit import job_is_alive
+from tests.slurm.conftest import job_port
 
 
 def _run(*argv: str, timeout: float = 30) -> str:
@@ -30,13 +39,11 @@ def _wait(cond, timeout: float, what: str, cluster: LocalSlurmCluster) -> None:
         time.sleep(0.2)
 
 
-def _gone_from_queue(job_id: str) -> bool:
-    return _run("squeue", "-h", "-j", job_id, "-o", "%T").strip() == ""
-
-
-def _sacct_state(job_id: str) -> str:
-    out = _run("sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State").split()
-    return out[-1] if out else ""
+def _final_state(job_id: str, timeout: float, cluster: LocalSlurmCluster, **kw) -> str:
+    try:
+        return wait_for_final_state(job_id, timeout, poll_s=0.2, **kw)
+    except JobStateTimeout as e:
+        pytest.fail(f"{e}\n{cluster.log_tails()}")
 
 
 @pytest.mark.slurm
@@ -51,10 +58,24 @@ def test_srun_two_tasks(slurm_cluster):
 def test_sbatch_two_tasks_completes_in_sacct(slurm_cluster, tmp_path):
     out = tmp_path / "job.out"
     job = _sbatch("-n", "2", "-o", str(out), "--wrap", "srun hostname")
-    _wait(lambda: _gone_from_queue(job), 60, f"job {job} to finish", slurm_cluster)
+    assert _final_state(job, 60, slurm_cluster) == "COMPLETED"
     assert len(out.read_text().splitlines()) == 2
-    # The accounting record may trail the queue by a moment.
-    _wait(lambda: _sacct_state(job) == "COMPLETED", 30, "sacct COMPLETED", slurm_cluster)
+    # submitit follows jobs through sacct alone: its record (which trails) must get there too.
+    assert _final_state(job, 30, slurm_cluster, accounting_only=True) == "COMPLETED"
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(120)
+def test_failed_and_cancelled_jobs_end_in_those_states_in_both_sources(slurm_cluster, tmp_path):
+    failed = _sbatch("-o", str(tmp_path / "failed.out"), "--wrap", "exit 3")
+    sleeper = _sbatch("-o", str(tmp_path / "sleeper.out"), "--wrap", "sleep 100")
+    assert job_is_alive(sleeper)
+    _run("scancel", sleeper)
+    for job, final in ((failed, "FAILED"), (sleeper, "CANCELLED")):
+        assert _final_state(job, 60, slurm_cluster) == final
+        # sacct says "CANCELLED by 0": the same state once parsed.
+        assert _final_state(job, 30, slurm_cluster, accounting_only=True) == final
+    assert not job_is_alive(sleeper)
 
 
 @pytest.mark.slurm
@@ -73,10 +94,12 @@ def test_requeued_job_runs_again(slurm_cluster, tmp_path):
         slurm_cluster,
     )
     _run("scontrol", "requeue", job)
-    _wait(lambda: _gone_from_queue(job), 90, f"requeued job {job} to finish", slurm_cluster)
+    assert job_is_alive(job)  # requeued: pending again, not gone
+    # REQUEUED is not final: the wait goes on through the second run.
+    assert _final_state(job, 90, slurm_cluster) == "COMPLETED"
     text = out.read_text()
     assert "restart=0" in text and "restart=1" in text and text.rstrip().endswith("done"), text
-    _wait(lambda: _sacct_state(job) == "COMPLETED", 30, "sacct COMPLETED", slurm_cluster)
+    assert _final_state(job, 30, slurm_cluster, accounting_only=True) == "COMPLETED"
 
 
 @pytest.mark.slurm
@@ -93,25 +116,35 @@ def test_scancel_signal_reaches_tasks(slurm_cluster, tmp_path):
     _run("scancel", "--signal=USR2", job)
     got = [tmp_path / f"got.{rank}" for rank in (0, 1)]
     _wait(lambda: all(p.exists() for p in got), 30, "USR2 traps to fire", slurm_cluster)
-    _wait(lambda: _gone_from_queue(job), 30, f"job {job} to finish", slurm_cluster)
-    _wait(lambda: _sacct_state(job) == "COMPLETED", 30, "sacct COMPLETED", slurm_cluster)
+    assert _final_state(job, 30, slurm_cluster) == "COMPLETED"
+    assert _final_state(job, 30, slurm_cluster, accounting_only=True) == "COMPLETED"
 
 
 @pytest.mark.slurm
 @pytest.mark.timeout(120)
 def test_second_cluster_starts_and_stop_leaves_no_daemon(slurm_cluster, tmp_path_factory):
-    # A second cluster beside the session one: its own free ports, so they do not collide.
+    # A second cluster beside the session one: its own free ports, so they do not collide,
+    # and its own job ids, so its jobs' rendezvous ports differ from the session cluster's.
     root = tmp_path_factory.mktemp("slurm2")
     cluster = LocalSlurmCluster(root, cluster_name="mmdit-local-2")
     with cluster:
         assert cluster.is_running()
         pids = cluster.pids()
         assert set(pids) == set(DAEMONS)
+        assert _running_first_job_ids() >= {slurm_cluster.first_job_id, cluster.first_job_id}
         env = {**os.environ, **cluster.env}
         res = subprocess.run(
-            ["srun", "-n", "2", "hostname"], env=env, capture_output=True, text=True, timeout=30
+            ["srun", "-n", "2", "printenv", "SLURM_JOB_ID"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert res.returncode == 0 and len(res.stdout.splitlines()) == 2, res.stderr
+        theirs = _run("srun", "-n", "1", "printenv", "SLURM_JOB_ID").strip()
+        ours = res.stdout.split()[0]
+        assert int(ours) >= cluster.first_job_id and int(theirs) >= slurm_cluster.first_job_id
+        assert job_port(ours) != job_port(theirs)
         # A second start under the same root is refused with a clear message.
         with pytest.raises(SlurmClusterError, match="already runs"):
             LocalSlurmCluster(root).start()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from slurm.job_state import JobStateTimeout, current_state, is_final, wait_for_final_state
 from slurm.submit import main
 from tests.training.conftest import read_metrics, train_overrides
 
@@ -48,24 +49,12 @@ def _job_id(out: str) -> str:
     return line.split()[-1]
 
 
-def _state(job_id: str) -> str:
-    out = subprocess.run(
-        ["sacct", "-n", "-X", "-j", job_id, "-o", "State"], capture_output=True, text=True
-    )
-    return out.stdout.strip().split("\n")[0].strip() if out.stdout.strip() else ""
-
-
 def _wait_done(job_id: str, timeout: float = 400) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        queued = subprocess.run(
-            ["squeue", "-h", "-j", job_id], capture_output=True, text=True
-        ).stdout.strip()
-        if not queued:
-            return _state(job_id)
-        time.sleep(2)
-    subprocess.run(["scancel", job_id])
-    raise AssertionError(f"job {job_id} did not finish in {timeout} s")
+    try:
+        return wait_for_final_state(job_id, timeout, poll_s=1)
+    except JobStateTimeout:
+        subprocess.run(["scancel", job_id])
+        raise
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -109,9 +98,14 @@ def test_usr2_checkpoints_requeues_and_resumes_on_the_same_curve(
     run_dir = tmp_path / "run"
     assert main(_submit_args(run_dir, digit_shards, tiny_components)) == 0
     job = _job_id(capsys.readouterr().out)
-    deadline = time.time() + 300
+    deadline = time.monotonic() + 300
     while not (run_dir / "metrics.jsonl").exists() or max(read_metrics(run_dir), default=0) < 10:
-        assert time.time() < deadline, _logs(run_dir)[-3000:]
+        assert time.monotonic() < deadline, _logs(run_dir)[-3000:]
+        state = current_state(job)
+        assert not is_final(state.state), (
+            f"job {job} ended {state} before step 10",
+            _logs(run_dir)[-3000:],
+        )
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     state = _wait_done(job)
@@ -199,9 +193,11 @@ def test_precompute_job_writes_the_cache_with_two_tasks(
         f"data.shards={digit_shards}/{{000000..000007}}.tar",
         f"conditioning.components={tiny_components}", "data.resolution=32",
     ]  # fmt: skip
-    assert main(args) == 0
-    job = _job_id(capsys.readouterr().out)
-    assert _wait_done(job) == "COMPLETED", _logs(out)[-3000:]
+    # --wait: mmdit-submit itself follows the job and succeeds only if it COMPLETED.
+    assert main([*args, "--wait", "--wait-timeout", "400"]) == 0, _logs(out)[-3000:]
+    printed = capsys.readouterr().out
+    job = _job_id(printed)
+    assert printed.rstrip().splitlines()[-1].startswith(f"job {job}: COMPLETED (")
     assert sorted(p.name for p in out.glob("*.tar")) == [f"{i:06d}.tar" for i in range(8)]
     assert (out / "_cache_info.json").is_file()
 
