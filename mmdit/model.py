@@ -29,10 +29,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from mmdit.attention import AttentionBackend, attention, check_backend
+from mmdit.attention import BACKENDS, AttentionBackend, attention, check_backend
 
 LN_EPS = 1e-6  # every LayerNorm and the QK RMSNorm in SD3 use 1e-6
 TIMESTEP_CHANNELS = 256
+# What a block recomputes in the backward pass instead of storing (activation checkpointing):
+# nothing, the whole block, or only its attention or MLP sublayers (selective).
+CHECKPOINT_MODES = ("none", "block", "attention", "mlp")
 
 # Named shapes. d<N> follows the SD3 size rule (hidden 64·d, d heads); the sd3* names are the
 # released shapes, for building a model that loads those checkpoints.
@@ -68,6 +71,9 @@ class MMDiTConfig:
     mlp_ratio: float = 4.0
     qk_norm: Literal["none", "rms_norm"] = "none"
     dual_attention_layers: tuple[int, ...] = ()
+    # How attention is computed (mmdit.attention): no weight depends on it, so readers of
+    # saved weights may run them with another backend (see `same_weights_as`).
+    attention_backend: AttentionBackend = "sdpa"
 
     def __post_init__(self) -> None:
         def fix(name: str, value: Any) -> None:
@@ -118,6 +124,10 @@ class MMDiTConfig:
             raise bad("mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
         if self.qk_norm not in ("none", "rms_norm"):
             raise bad("qk_norm", f"must be 'none' or 'rms_norm', got {self.qk_norm!r}")
+        if self.attention_backend not in BACKENDS:
+            raise bad(
+                "attention_backend", f"{self.attention_backend!r} is unknown; use one of {BACKENDS}"
+            )
         bad_layers = [i for i in self.dual_attention_layers if not 0 <= i < self.depth]
         if bad_layers:
             raise bad(
@@ -151,6 +161,16 @@ class MMDiTConfig:
     def replace(self, **changes: Any) -> MMDiTConfig:
         return dataclasses.replace(self, **changes)
 
+    def portable(self) -> MMDiTConfig:
+        """The same model with the default attention backend, which runs on any device:
+        what readers of saved weights build (a run trained with flash_attn on H100s is
+        evaluated on a CPU too)."""
+        return self.replace(attention_backend="sdpa")
+
+    def same_weights_as(self, other: MMDiTConfig) -> bool:
+        """True when both configs describe the same tensors (execution settings aside)."""
+        return self.portable() == other.portable()
+
 
 # --------------------------------------------------------------------------------------------
 # Embedding helpers
@@ -180,6 +200,16 @@ def sincos_pos_embed_2d(dim: int, grid_size: int, base_size: int, device=None) -
     cols = emb_1d[None, :, :].expand(grid_size, grid_size, -1)  # (row, col, D/2)
     rows = emb_1d[:, None, :].expand(grid_size, grid_size, -1)
     return torch.cat([cols, rows], dim=-1).reshape(grid_size * grid_size, dim).float()
+
+
+@torch.no_grad()
+def _draw(param: torch.Tensor, init_) -> None:
+    """Initialise `param` with values drawn in fp32 on the CPU and then copied (rounded) in:
+    the same numbers whatever the parameter's dtype and device, so a model built in bf16 on a
+    GPU (DeepSpeed's zero.Init) starts from the weights an fp32 CPU build has."""
+    value = torch.empty(param.shape, dtype=torch.float32)
+    init_(value)
+    param.copy_(value)
 
 
 def modulate(x_norm: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -252,11 +282,14 @@ class QKVLinear(nn.Linear):
 
 
 class Attention(nn.Module):
-    """One stream's attention projections; the kernel itself runs once over both streams."""
+    """One stream's attention projections; the joint kernel runs once over both streams."""
 
-    def __init__(self, hidden: int, num_heads: int, qk_norm: str, out_proj: bool = True):
+    def __init__(
+        self, hidden: int, num_heads: int, qk_norm: str, backend: str, out_proj: bool = True
+    ):
         super().__init__()
         self.num_heads = num_heads
+        self.backend = backend
         head_dim = hidden // num_heads
         self.qkv = QKVLinear(hidden, 3 * hidden)
         # Per-head RMSNorm on q and k keeps attention logits bounded in bf16 at scale.
@@ -264,6 +297,11 @@ class Attention(nn.Module):
         self.ln_k = nn.RMSNorm(head_dim, eps=LN_EPS) if qk_norm == "rms_norm" else None
         # The last block's text stream feeds only keys/values to the image stream.
         self.proj = nn.Linear(hidden, hidden) if out_proj else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Self-attention of this stream alone (SD3.5's second image attention)."""
+        q, k, v = self.qkv_heads(x)
+        return self.proj(attention(q, k, v, None, self.backend))  # (B, N, D)
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, N, _ = x.shape
@@ -299,11 +337,12 @@ class Stream(nn.Module):
 
     def __init__(self, config: MMDiTConfig, pre_only: bool = False, dual_attention: bool = False):
         super().__init__()
-        D = config.hidden_size
+        D, H, norm = config.hidden_size, config.num_heads, config.qk_norm
+        backend = config.attention_backend
         self.num_mod = 2 if pre_only else (9 if dual_attention else 6)
         self.modulation = nn.Linear(D, self.num_mod * D)
-        self.attn = Attention(D, config.num_heads, config.qk_norm, out_proj=not pre_only)
-        self.attn2 = Attention(D, config.num_heads, config.qk_norm) if dual_attention else None
+        self.attn = Attention(D, H, norm, backend, out_proj=not pre_only)
+        self.attn2 = Attention(D, H, norm, backend) if dual_attention else None
         self.mlp = None if pre_only else Mlp(D, config.mlp_hidden)
 
     def mod(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -316,21 +355,27 @@ class JointBlock(nn.Module):
     context_pre_only (last block): the text stream only supplies keys/values and is dropped.
     dual_attention (SD3.5 MMDiT-X): a second, image-only self-attention from the same
     normalised input with its own modulation.
+
+    `checkpoint_part` ("none", "attention" or "mlp"; MMDiT.set_activation_checkpointing sets
+    it) names the sublayers whose activations are recomputed in the backward pass instead of
+    stored: only their inputs are kept. "block" is applied around the whole block by MMDiT.
     """
 
     def __init__(
-        self,
-        config: MMDiTConfig,
-        context_pre_only: bool = False,
-        dual_attention: bool = False,
-        attention_backend: AttentionBackend = "sdpa",
+        self, config: MMDiTConfig, context_pre_only: bool = False, dual_attention: bool = False
     ):
         super().__init__()
         self.context_pre_only = context_pre_only
         self.dual_attention = dual_attention
-        self.attention_backend = attention_backend
+        self.attention_backend = config.attention_backend
+        self.checkpoint_part = "none"
         self.x = Stream(config, dual_attention=dual_attention)
         self.context = Stream(config, pre_only=context_pre_only)
+
+    def _sublayer(self, part: str, fn, *args):
+        if self.checkpoint_part == part and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def forward(
         self,
@@ -339,13 +384,34 @@ class JointBlock(nn.Module):
         c: torch.Tensor,  # (B, D), already SiLU'd
         key_mask: torch.Tensor | None = None,  # (B, Nx + Nc) bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        Nx = x.shape[1]
         x_mod = self.x.mod(c)
         c_mod = self.context.mod(c)
 
         x_norm = layer_norm(x)
-        xq, xk, xv = self.x.attn.qkv_heads(modulate(x_norm, x_mod[0], x_mod[1]))
+        x_in = modulate(x_norm, x_mod[0], x_mod[1])
         ctx_in = modulate(layer_norm(ctx), c_mod[0], c_mod[1])
+        x_att, c_att = self._sublayer("attention", self.joint_attention, x_in, ctx_in, key_mask)
+        x = torch.addcmul(x, x_mod[2], x_att)
+        if self.dual_attention:
+            x_in2 = modulate(x_norm, x_mod[6], x_mod[7])
+            x = torch.addcmul(x, x_mod[8], self._sublayer("attention", self.x.attn2, x_in2))
+        mlp_in = modulate(layer_norm(x), x_mod[3], x_mod[4])
+        x = torch.addcmul(x, x_mod[5], self._sublayer("mlp", self.x.mlp, mlp_in))
+
+        if self.context_pre_only:
+            return x, None
+        ctx = torch.addcmul(ctx, c_mod[2], c_att)
+        mlp_in = modulate(layer_norm(ctx), c_mod[3], c_mod[4])
+        ctx = torch.addcmul(ctx, c_mod[5], self._sublayer("mlp", self.context.mlp, mlp_in))
+        return x, ctx
+
+    def joint_attention(
+        self, x_in: torch.Tensor, ctx_in: torch.Tensor, key_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Both streams' projections around one attention over [image; text] -> the projected
+        outputs (B, Nx, D) and (B, Nc, D) (None for the text of a context_pre_only block)."""
+        Nx = x_in.shape[1]
+        xq, xk, xv = self.x.attn.qkv_heads(x_in)
         if self.context_pre_only:
             # Text queries would only produce outputs that this block drops: image tokens
             # attend to the joint sequence, text tokens only supply keys and values.
@@ -356,22 +422,11 @@ class JointBlock(nn.Module):
             q = torch.cat([xq, cq], dim=1)
         k, v = torch.cat([xk, ck], dim=1), torch.cat([xv, cv], dim=1)
         out = attention(q, k, v, key_mask, self.attention_backend)  # (B, Nq, D)
+        if self.context_pre_only:
+            return self.x.attn.proj(out), None
         # split (not two slices): its backward is one cat instead of two zero-filled buffers.
         x_out, c_out = out.split([Nx, out.shape[1] - Nx], dim=1)
-
-        x = torch.addcmul(x, x_mod[2], self.x.attn.proj(x_out))
-        if self.dual_attention:
-            q2, k2, v2 = self.x.attn2.qkv_heads(modulate(x_norm, x_mod[6], x_mod[7]))
-            out2 = attention(q2, k2, v2, None, self.attention_backend)  # (B, Nx, D)
-            x = torch.addcmul(x, x_mod[8], self.x.attn2.proj(out2))
-        x = torch.addcmul(x, x_mod[5], self.x.mlp(modulate(layer_norm(x), x_mod[3], x_mod[4])))
-
-        if self.context_pre_only:
-            return x, None
-        ctx = torch.addcmul(ctx, c_mod[2], self.context.attn.proj(c_out))
-        mlp_in = modulate(layer_norm(ctx), c_mod[3], c_mod[4])
-        ctx = torch.addcmul(ctx, c_mod[5], self.context.mlp(mlp_in))
-        return x, ctx
+        return self.x.attn.proj(x_out), self.context.attn.proj(c_out)
 
 
 class FinalLayer(nn.Module):
@@ -397,18 +452,12 @@ class MMDiT(nn.Module):
             pooled (B, pooled_dim), context_mask (B, L) bool or None) -> (B, out_channels, H, W)
     """
 
-    def __init__(
-        self,
-        config: MMDiTConfig,
-        attention_backend: AttentionBackend = "sdpa",
-        initialize: bool = True,
-    ):
+    def __init__(self, config: MMDiTConfig, initialize: bool = True):
         """`initialize=False` leaves torch's default init for the caller to replace with
         `initialize_weights` (e.g. part by part while parameters are sharded)."""
         super().__init__()
-        check_backend(attention_backend)
+        check_backend(config.attention_backend)
         self.config = config
-        self.attention_backend = attention_backend
         D, p = config.hidden_size, config.patch_size
 
         self.x_embedder = PatchEmbed(config.in_channels, D, p)
@@ -423,12 +472,10 @@ class MMDiT(nn.Module):
                 config,
                 context_pre_only=i == config.depth - 1,
                 dual_attention=i in config.dual_attention_layers,
-                attention_backend=attention_backend,
             )
             for i in range(config.depth)
         )
         self.final_layer = FinalLayer(D, p, config.out_channels)
-        self.activation_checkpointing = False
         if initialize:
             self.initialize_weights()
 
@@ -462,7 +509,7 @@ class MMDiT(nn.Module):
     def _initialize_part(self, part: nn.Module) -> None:
         def basic_init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
+                _draw(module.weight, nn.init.xavier_uniform_)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.RMSNorm):
                 nn.init.ones_(module.weight)
@@ -470,13 +517,13 @@ class MMDiT(nn.Module):
         if part is self.x_embedder:
             # The patch embedding is a linear map of flattened patches; init it like one.
             w = part.weight
-            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            _draw(w, lambda t: nn.init.xavier_uniform_(t.view(t.shape[0], -1)))
             nn.init.zeros_(part.bias)
             return
         part.apply(basic_init)
         if part is self.t_embedder or part is self.y_embedder:
-            nn.init.normal_(part.mlp[0].weight, std=0.02)
-            nn.init.normal_(part.mlp[2].weight, std=0.02)
+            _draw(part.mlp[0].weight, lambda t: nn.init.normal_(t, std=0.02))
+            _draw(part.mlp[2].weight, lambda t: nn.init.normal_(t, std=0.02))
         elif isinstance(part, JointBlock):
             # adaLN-Zero: every block starts as the identity...
             for stream in (part.x, part.context):
@@ -488,9 +535,18 @@ class MMDiT(nn.Module):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
 
-    def set_activation_checkpointing(self, enabled: bool) -> None:
-        """Recompute each joint block in the backward pass instead of storing activations."""
-        self.activation_checkpointing = bool(enabled)
+    def set_activation_checkpointing(self, mode: str = "block", every: int = 1) -> None:
+        """Recompute activations in the backward pass instead of storing them, in every
+        `every`-th block (0, every, 2 every, ...): the whole block ("block"), only its
+        attention or MLP sublayers ("attention", "mlp"), or nothing ("none")."""
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(
+                f"activation checkpointing {mode!r} is unknown; use one of {CHECKPOINT_MODES}"
+            )
+        if every < 1:
+            raise ValueError(f"activation checkpointing every {every} blocks: must be >= 1")
+        for i, block in enumerate(self.blocks):
+            block.checkpoint_part = mode if i % every == 0 else "none"
 
     def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
         """Centre crop of the P×P table for an h×w patch grid -> (1, h*w, D)."""
@@ -543,7 +599,10 @@ class MMDiT(nn.Module):
         p = self.config.patch_size
         h, w = H // p, W // p
 
-        x = self.x_embedder(latents) + self.cropped_pos_embed(h, w)  # (B, h*w, D)
+        x = self.x_embedder(latents)  # (B, h*w, D) in the weights' dtype
+        # The table is an fp32 buffer (DeepSpeed casts parameters, not buffers): adding it
+        # as is would promote bf16 activations to fp32 ahead of every bf16 weight.
+        x = x + self.cropped_pos_embed(h, w).to(x.dtype)
         # Every consumer of c (all adaLN linears, the final layer) starts with a SiLU.
         c = F.silu(self.t_embedder(sigma) + self.y_embedder(pooled))  # (B, D)
         ctx = self.context_embedder(context)  # (B, L, D)
@@ -554,7 +613,7 @@ class MMDiT(nn.Module):
             key_mask = torch.cat([image_keys, context_mask], dim=1)  # (B, h*w + L)
 
         for block in self.blocks:
-            if self.activation_checkpointing and torch.is_grad_enabled():
+            if block.checkpoint_part == "block" and torch.is_grad_enabled():
                 x, ctx = checkpoint(block, x, ctx, c, key_mask, use_reentrant=False)
             else:
                 x, ctx = block(x, ctx, c, key_mask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -159,18 +160,47 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_unknown_or_unavailable_backend():
-    with pytest.raises(ValueError, match="attention_backend='flash3' is unknown"):
-        MMDiT(tiny(), attention_backend="flash3")
-    try:
-        import xformers.ops  # noqa: F401
+    with pytest.raises(ValueError, match="attention_backend: 'flash3' is unknown"):
+        tiny(attention_backend="flash3")
+    for backend, package in (("flash_attn", "flash_attn"), ("xformers", "xformers")):
+        try:
+            __import__(package)
+            continue  # installed: the gpu tests cover it
+        except ImportError:
+            pass
+        with pytest.raises(ImportError, match=f"attention_backend='{backend}' needs the {package}"):
+            MMDiT(tiny(attention_backend=backend))
 
-        has_xformers = torch.cuda.is_available()
-    except ImportError:
-        has_xformers = False
-    if has_xformers:
-        pytest.skip("xformers and CUDA present; covered by the gpu test")
-    with pytest.raises((ImportError, RuntimeError), match="xformers"):
-        MMDiT(tiny(), attention_backend="xformers")
+
+@pytest.mark.parametrize("backend", ["sdpa_math", "sdpa_flash"])
+def test_cpu_sdpa_kernels_equal_the_default(backend):
+    """The SDPA kernels a CPU can run give the default path's outputs and gradients."""
+    cfg = tiny(qk_norm="rms_norm", dual_attention_layers=(1,))
+    ref = randomize(MMDiT(cfg))
+    model = MMDiT(cfg.replace(attention_backend=backend))
+    model.load_state_dict(ref.state_dict())
+    args = inputs(cfg)
+    out_a, grads_a = _loss_and_grads(ref, args)
+    out_b, grads_b = _loss_and_grads(model, args)
+    torch.testing.assert_close(out_a, out_b, atol=2e-6, rtol=1e-5)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=2e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["sdpa_efficient", "sdpa_cudnn"])
+def test_cuda_only_kernels_say_so_on_cpu(backend):
+    cfg = tiny(attention_backend=backend)
+    model = randomize(MMDiT(cfg))
+    with pytest.raises(
+        RuntimeError, match=f"'{backend}' only runs on CUDA.*use attention_backend='sdpa'"
+    ):
+        model(*inputs(cfg))
+
+
+def test_readers_of_saved_weights_get_a_portable_config():
+    cfg = tiny(attention_backend="sdpa_math")
+    assert cfg.portable().attention_backend == "sdpa"
+    assert cfg.same_weights_as(tiny()) and not cfg.same_weights_as(tiny(depth=2))
 
 
 def test_xformers_bias_matches_sdpa_mask(monkeypatch):
@@ -206,7 +236,9 @@ def test_xformers_bias_matches_sdpa_mask(monkeypatch):
         ours = attn.xformers_attention(q, k, v, m).reshape(2, 5, 16)
         ref = attn.attention(q, k, v, m, "sdpa")
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
-    with pytest.raises(RuntimeError, match="xformers' got tensors on cpu"):
+    with pytest.raises(
+        RuntimeError, match="'xformers' only runs on CUDA, but the model runs on cpu"
+    ):
         attn.attention(q, k, v, mask, "xformers")
 
 
@@ -293,7 +325,36 @@ def _loss_and_grads(model, args):
     return out.detach(), grads
 
 
-def test_activation_checkpointing_same_outputs_and_grads():
+@contextlib.contextmanager
+def _forward_calls(model):
+    """Counts forward calls of each block's image qkv projection and MLP: {part: [per block]}."""
+    calls = {"attn": [0] * len(model.blocks), "mlp": [0] * len(model.blocks)}
+    hooks = []
+    for i, block in enumerate(model.blocks):
+        for part, module in (("attn", block.x.attn.qkv), ("mlp", block.x.mlp)):
+
+            def count(*_, part=part, i=i):
+                calls[part][i] += 1
+
+            hooks.append(module.register_forward_pre_hook(count))
+    try:
+        yield calls
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize(
+    "mode, every, recomputed",
+    [
+        # (mode, every k-th block, forward calls of block 0's attention and MLP per step)
+        ("block", 1, {"attn": 2, "mlp": 2}),
+        ("attention", 1, {"attn": 2, "mlp": 1}),
+        ("mlp", 1, {"attn": 1, "mlp": 2}),
+        ("block", 2, {"attn": 2, "mlp": 2}),
+    ],
+)
+def test_activation_checkpointing_modes_same_outputs_and_grads(mode, every, recomputed):
     cfg = tiny(qk_norm="rms_norm", dual_attention_layers=(1,))
     model = randomize(MMDiT(cfg))
     x, s, c, p = inputs(cfg)
@@ -301,19 +362,45 @@ def test_activation_checkpointing_same_outputs_and_grads():
     mask[0, 4:] = False
     args = (x, s, c, p, mask)
 
-    calls = []
-    hook = model.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
-    out_a, grads_a = _loss_and_grads(model, args)
-    assert len(calls) == 1
-    model.set_activation_checkpointing(True)
-    out_b, grads_b = _loss_and_grads(model, args)
-    assert len(calls) == 3  # forward + (early-stopping) recomputation in backward
+    with _forward_calls(model) as calls:
+        out_a, grads_a = _loss_and_grads(model, args)
+    assert calls == {"attn": [1, 1, 1], "mlp": [1, 1, 1]}
+    model.set_activation_checkpointing(mode, every)
+    with _forward_calls(model) as calls:
+        out_b, grads_b = _loss_and_grads(model, args)
+    for part in ("attn", "mlp"):
+        # Block 0 is always checkpointed; with every=2 block 1 is not, block 2 is again.
+        assert calls[part][0] == recomputed[part], (part, calls)
+        if every == 2:
+            assert calls[part][1] == 1, (part, calls)
 
     torch.testing.assert_close(out_a, out_b, atol=0, rtol=0)
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5, msg=name)
-    hook.remove()
+    with pytest.raises(ValueError, match="'selective' is unknown"):
+        model.set_activation_checkpointing("selective")
+
+
+def test_selective_checkpointing_stores_less():
+    """Bytes saved for the backward pass fall in the order none > mlp, attention > block."""
+    cfg = tiny(depth=4, hidden_size=128, num_heads=2)
+    model = randomize(MMDiT(cfg))
+    args = inputs(cfg, h=16, w=16, text=16)
+    saved = {}
+    for mode in ("none", "mlp", "attention", "block"):
+        model.set_activation_checkpointing(mode)
+        storages = {}
+
+        def pack(t, storages=storages):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(*args).square().mean()
+        saved[mode] = sum(storages.values())
+    assert saved["none"] > saved["mlp"] > saved["block"], saved
+    assert saved["none"] > saved["attention"] > saved["block"], saved
 
 
 def test_last_block_skips_text_queries_and_all_else_gets_gradients():
@@ -359,3 +446,18 @@ def test_cuda_matches_cpu_and_bf16_is_close():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out_bf16 = model(*cuda_args, context_mask=mask.cuda()).float().cpu()
     assert (out_bf16 - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_initial_weights_do_not_depend_on_the_parameter_dtype():
+    """DeepSpeed's zero.Init builds parameters in bf16: initialising them must give the fp32
+    initialisation rounded to bf16, not other random numbers (ZeRO stages would then start
+    from different weights)."""
+    cfg = tiny(qk_norm="rms_norm", dual_attention_layers=(0,))
+    fp32, bf16 = MMDiT(cfg, initialize=False), MMDiT(cfg, initialize=False).bfloat16()
+    for model in (fp32, bf16):
+        torch.manual_seed(3)
+        model.initialize_weights()
+    for (name, a), b in zip(fp32.named_parameters(), bf16.parameters(), strict=True):
+        assert b.dtype == torch.bfloat16
+        assert torch.equal(a.to(torch.bfloat16), b), name
+    assert fp32.blocks[0].x.attn.qkv.weight.abs().sum() > 0  # really drawn, not zeros
