@@ -218,7 +218,7 @@ def read_model_config(step_dir: str | os.PathLike) -> MMDiTConfig:
     section = read_run_config(step_dir).get("model")
     if not isinstance(section, Mapping):
         raise CheckpointError(f"{path} has no model section")
-    return from_dict(MMDiTConfig, section, source=f"{path}: model")
+    return from_dict(MMDiTConfig, section, source=f"{path}: model").portable()
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,22 +239,47 @@ def ema_shard_files(directory: str | Path) -> list[Path]:
 
 
 def ema_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
-    """The whole EMA as full fp32 tensors, from the per-rank ZeRO-3 slices of any world size
-    (each parameter flattened, zero-padded to world x n, rank r holding [r n, (r+1) n))."""
+    """The whole EMA as full fp32 tensors, from the per-rank pieces of any world size and ZeRO
+    stage. Each file records where its piece of every parameter starts in the flattened tensor
+    ("starts"; files without it hold ZeRO-3 slices: rank r's piece starts at r x its length);
+    the pieces must tile every tensor exactly, ZeRO-3's padding past the end aside."""
     from safetensors import safe_open
 
-    parts: dict[str, list[torch.Tensor]] = {}
+    pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
     shapes: Mapping[str, list[int]] = {}
-    for path in ema_shard_files(directory):
+    for rank, path in enumerate(ema_shard_files(directory)):
         with safe_open(str(path), framework="pt") as f:
-            shapes = json.loads(f.metadata()["shapes"])
+            meta = f.metadata()
+            shapes = json.loads(meta["shapes"])
+            starts = json.loads(meta["starts"]) if "starts" in meta else None
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                parts.setdefault(name, []).append(f.get_tensor(name))
+                t = f.get_tensor(name)
+                start = starts[name] if starts is not None else rank * t.numel()
+                pieces.setdefault(name, []).append((start, t))
     out = {}
-    for name, chunks in parts.items():
+    for name, parts in pieces.items():
         shape = tuple(shapes[name])
         numel = int(torch.Size(shape).numel())
-        out[name] = torch.cat(chunks)[:numel].reshape(shape)
+        flat = torch.empty(numel, dtype=torch.float32)
+        end = 0
+        # Empty pieces (ZeRO-1/2 ranks without this parameter) and ZeRO-3 slices made only of
+        # padding (more ranks than elements) carry nothing.
+        real = sorted(((s, t) for s, t in parts if t.numel() and s < numel), key=lambda p: p[0])
+        for start, t in real:
+            have = min(t.numel(), numel - start)
+            if start != end:
+                raise CheckpointError(
+                    f"EMA shards in {directory}: the pieces of {name} do not tile it (a piece "
+                    f"starts at {start}, expected {end}); the checkpoint is damaged"
+                )
+            flat[start : start + have] = t[:have]
+            end = start + have
+        if end != numel:
+            raise CheckpointError(
+                f"EMA shards in {directory} cover {end} of the {numel} elements of {name}; "
+                "the checkpoint is damaged"
+            )
+        out[name] = flat.reshape(shape)
     return out
 
 
@@ -343,7 +368,7 @@ def read_mmdit_safetensors(path: str | os.PathLike) -> tuple[MMDiTConfig, dict[s
             f"{path} has no '{CONFIG_META_KEY}' metadata; not an mmdit-export file"
         )
     config = from_dict(MMDiTConfig, json.loads(meta[CONFIG_META_KEY]), source=str(path))
-    return config, load_file(str(path))
+    return config.portable(), load_file(str(path))
 
 
 def _load_exported_file(path: Path) -> tuple[str, MMDiTConfig, dict[str, torch.Tensor]]:

@@ -1,5 +1,7 @@
-"""ShardedEMA: ZeRO-3 slicing, the update rule, and shards saved on one world size and loaded
-on another."""
+"""ShardedEMA: ZeRO-3 slices and ZeRO-1/2 fragments, the update rule, and shards saved on one
+world size (or stage) and loaded on another. Ranks are simulated in one process by giving each
+EMA the pieces DeepSpeed would give that rank; tests/training/test_levers.py runs the real
+stages."""
 
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from eval.checkpoints import ema_shard_files, ema_shard_name, ema_state_dict
-from training.ema import ShardedEMA, local_partition
+from eval.checkpoints import CheckpointError, ema_shard_files, ema_shard_name, ema_state_dict
+from training.ema import Piece, ShardedEMA, local_partition
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -25,11 +27,38 @@ def _full(seed: int) -> dict[str, torch.Tensor]:
     return {n: torch.randn(p.shape, generator=g) for n, p in _model().named_parameters()}
 
 
+def _simulated(pieces: dict[str, Piece], rank: int, world: int) -> ShardedEMA:
+    """An EMA as rank `rank` of `world` would hold it, following the given pieces."""
+    ema = ShardedEMA(_model(seed=99).named_parameters(), decay=0.5)
+    ema.rank, ema.world, ema.pieces = rank, world, pieces
+    ema.shadow = {n: p.weights.clone() for n, p in pieces.items()}
+    return ema
+
+
 def _sharded(full: dict[str, torch.Tensor], rank: int, world: int) -> ShardedEMA:
     """An EMA on rank `rank` of `world`, its shadows set to ZeRO-3 slices of `full`."""
-    ema = ShardedEMA(_model(seed=99).named_parameters(), decay=0.5, rank=rank, world=world)
-    ema.shadow = {n: local_partition(t, rank, world) for n, t in full.items()}
-    return ema
+    pieces = {}
+    for n, t in full.items():
+        part = local_partition(t, rank, world)
+        pieces[n] = Piece(rank * part.numel(), part)
+    return _simulated(pieces, rank, world)
+
+
+def _fragments(full: dict[str, torch.Tensor], rank: int, world: int) -> ShardedEMA:
+    """An EMA on rank `rank` of `world` under ZeRO-1/2: all parameters flattened into one
+    buffer, rank r owning the contiguous range r of it (so pieces start mid-parameter)."""
+    flat = torch.cat([t.reshape(-1) for t in full.values()])
+    n = -(-flat.numel() // world)
+    lo, hi = rank * n, min((rank + 1) * n, flat.numel())
+    pieces, offset = {}, 0
+    for name, t in full.items():
+        a, b = max(lo, offset), min(hi, offset + t.numel())
+        if a < b:
+            pieces[name] = Piece(a - offset, flat[a:b].clone())
+        else:
+            pieces[name] = Piece(0, torch.empty(0))
+        offset += t.numel()
+    return _simulated(pieces, rank, world)
 
 
 # -- local_partition -------------------------------------------------------------------------
@@ -155,9 +184,8 @@ def test_two_rank_shards_load_into_world_1(two_rank_dir):
 @pytest.mark.parametrize("rank", [0, 1, 2])
 def test_two_rank_shards_load_into_world_3(two_rank_dir, rank):
     directory, full = two_rank_dir
-    ema = ShardedEMA(_model(seed=7).named_parameters(), decay=0.5, rank=rank, world=3)
     # ZeRO-3 would give this rank ceil(numel / 3) elements of each parameter
-    ema.shadow = {n: torch.full((-(-t.numel() // 3),), -1.0) for n, t in full.items()}
+    ema = _sharded({n: torch.full_like(t, -1.0) for n, t in full.items()}, rank, 3)
     ema.load(directory)
     for n, t in full.items():
         flat = torch.cat([t.reshape(-1), torch.zeros(3 * ema.shadow[n].numel() - t.numel())])
@@ -165,6 +193,54 @@ def test_two_rank_shards_load_into_world_3(two_rank_dir, rank):
         assert torch.equal(ema.shadow[n], flat[rank * n_local : (rank + 1) * n_local])
     if rank == 2:  # 0.bias has 5 elements: rank 2 holds [4] plus one zero of padding
         assert ema.shadow["0.bias"].tolist() == [full["0.bias"][4].item(), 0.0]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 7])
+def test_zero12_fragments_reassemble_and_reload_as_zero3_slices(tmp_path, world):
+    full = _full(seed=13)
+    emas = [_fragments(full, rank, world) for rank in range(world)]
+    if world == 3:  # the middle rank owns the end of one parameter and the start of the next
+        assert [p.start for p in emas[1].pieces.values() if p.weights.numel()] == [10, 0]
+    for ema in emas:
+        ema.save(tmp_path)
+    restored = ema_state_dict(tmp_path)
+    for n, t in full.items():
+        assert torch.equal(restored[n], t)
+    for rank in range(2):  # another stage and world size: ZeRO-3 on 2 ranks
+        ema = _sharded({n: torch.zeros_like(t) for n, t in full.items()}, rank, 2)
+        ema.load(tmp_path)
+        for n, t in full.items():
+            assert torch.equal(ema.shadow[n], local_partition(t, rank, 2))
+
+
+def test_zero3_slices_reload_as_zero12_fragments(tmp_path):
+    full = _full(seed=17)
+    for rank in range(2):
+        _sharded(full, rank, 2).save(tmp_path)
+    for rank in range(3):
+        reference = _fragments(full, rank, 3)
+        ema = _fragments({n: torch.zeros_like(t) for n, t in full.items()}, rank, 3)
+        ema.load(tmp_path)
+        for n in full:
+            assert torch.equal(ema.shadow[n], reference.shadow[n])
+
+
+def test_more_ranks_than_elements(tmp_path):
+    full = _full(seed=19)  # 0.bias has 5 elements: ranks 5..7 of 8 hold padding only
+    for rank in range(8):
+        _sharded(full, rank, 8).save(tmp_path)
+    restored = ema_state_dict(tmp_path)
+    assert all(torch.equal(restored[n], t) for n, t in full.items())
+
+
+def test_pieces_that_do_not_tile_a_tensor_are_an_error(tmp_path):
+    full = _full(seed=3)
+    emas = [_fragments(full, rank, 2) for rank in range(2)]
+    emas[1].pieces["0.bias"].start += 1  # a gap at the start of 0.bias, its end past it
+    for ema in emas:
+        ema.save(tmp_path)
+    with pytest.raises(CheckpointError, match="pieces of 0.bias do not tile it"):
+        ema_state_dict(tmp_path)
 
 
 def test_world_3_save_and_world_2_reload(tmp_path):
