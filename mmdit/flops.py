@@ -74,11 +74,7 @@ def param_counts(config: Any) -> dict[str, int]:
     sin-cos position table is a buffer and is not counted.
     """
     d = _dims(config)
-    h, m, qk = d["h"], d["mlp"], d["qk"]
-    dual = set(config.dual_attention_layers)
-    attn = 4 * _linear(h, h) + qk  # q, k, v, out (+ per-head RMSNorm weights for q and k)
-    mlp = _linear(h, m) + _linear(m, h)
-
+    h = d["h"]
     embedders = (
         _linear(config.in_channels * d["p2"], h)  # patch embed (a p x p stride-p conv)
         + _linear(TIMESTEP_DIM, h)
@@ -87,19 +83,9 @@ def param_counts(config: Any) -> dict[str, int]:
         + _linear(h, h)
         + _linear(config.context_dim, d["cap"])
     )
-    image = text = 0
-    for i in range(config.depth):
-        last = i == config.depth - 1
-        is_dual = i in dual
-        # adaLN-Zero: shift/scale/gate for attention and MLP (6); dual adds 3 for attn2.
-        image += _linear(h, (9 if is_dual else 6) * h) + attn + mlp
-        if is_dual:
-            image += attn
-        if last:
-            # context_pre_only: text only supplies k, v (and q) to the joint attention.
-            text += _linear(h, 2 * h) + 3 * _linear(h, h) + qk
-        else:
-            text += _linear(h, 6 * h) + attn + mlp
+    blocks = [block_param_counts(config, i) for i in range(config.depth)]
+    image = sum(b[0] for b in blocks)
+    text = sum(b[1] for b in blocks)
     final = _linear(h, 2 * h) + _linear(h, d["p2"] * config.out_channels)
     return {
         "embedders": embedders,
@@ -108,6 +94,28 @@ def param_counts(config: Any) -> dict[str, int]:
         "final_layer": final,
         "total": embedders + image + text + final,
     }
+
+
+def block_param_counts(config: Any, index: int) -> tuple[int, int]:
+    """(image stream, text stream) parameters of joint block `index`."""
+    d = _dims(config)
+    h, m, qk = d["h"], d["mlp"], d["qk"]
+    attn = 4 * _linear(h, h) + qk  # q, k, v, out (+ per-head RMSNorm weights for q and k)
+    mlp = _linear(h, m) + _linear(m, h)
+    is_dual = index in set(config.dual_attention_layers)
+    # adaLN-Zero: shift/scale/gate for attention and MLP (6); dual adds 3 for attn2.
+    image = _linear(h, (9 if is_dual else 6) * h) + attn + mlp + (attn if is_dual else 0)
+    if index == config.depth - 1:
+        # context_pre_only: text only supplies k, v (and q) to the joint attention.
+        text = _linear(h, 2 * h) + 3 * _linear(h, h) + qk
+    else:
+        text = _linear(h, 6 * h) + attn + mlp
+    return image, text
+
+
+def largest_block_params(config: Any) -> int:
+    """Parameters of the largest joint block: ZeRO-3's unit of gathering and prefetching."""
+    return max(sum(block_param_counts(config, i)) for i in range(config.depth))
 
 
 def matmul_flops_breakdown(

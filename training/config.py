@@ -29,7 +29,15 @@ class TrainConfig:
     micro_batch_size: int = 4
     global_batch_size: int = 0
     precision: Literal["bf16", "fp32"] = "bf16"
-    activation_checkpointing: bool = False
+    # Throughput and memory levers (README "Throughput levers"); none changes the model's
+    # function, each is tested equal to the default path. Activation checkpointing recomputes
+    # the whole block, or only its attention or MLP sublayers, in every k-th block.
+    activation_checkpointing: Literal["none", "block", "attention", "mlp"] = "none"
+    activation_checkpointing_every: int = 1
+    compile: bool = False  # torch.compile each joint block (regional compilation)
+    zero_stage: Literal[1, 2, 3] = 3
+    offload_optimizer: bool = False  # fp32 master weights and Adam states in CPU memory
+    offload_params: bool = False  # ZeRO-3 only: the bf16 weights wait in CPU memory too
     # AdamW; no weight decay on norms, biases, embeddings and position tables.
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -87,6 +95,16 @@ class TrainConfig:
             raise ValueError(f"text_dropout={self.text_dropout} must be in [0, 1]")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1)")
+        if self.activation_checkpointing_every < 1:
+            raise ValueError(
+                f"activation_checkpointing_every={self.activation_checkpointing_every} must be "
+                ">= 1 (1 = every block)"
+            )
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(
+                f"offload_params needs zero_stage=3 (got {self.zero_stage}): only ZeRO-3 "
+                "partitions the weights; use offload_optimizer with stage 1 or 2"
+            )
         if self.lr <= 0 or self.max_steps < 0 or self.warmup_steps < 0:
             raise ValueError("lr must be > 0; max_steps and warmup_steps must be >= 0")
 
@@ -98,6 +116,8 @@ class LaunchConfig:
     # per node is started and no GPUs are requested (CPU clusters, the local test cluster).
     gpus_per_node: int = 1
     gpus: bool = True
+    # Memory of one GPU, for the memory plan (mmdit-plan, mmdit-submit): H100 80, H200 141.
+    gpu_memory_gb: float = 80.0
     partition: str = ""
     account: str = ""
     qos: str = ""
@@ -114,6 +134,8 @@ class LaunchConfig:
     def __post_init__(self):
         if self.nodes < 1 or self.gpus_per_node < 1 or self.cpus_per_task < 1:
             raise ValueError("nodes, gpus_per_node and cpus_per_task must be >= 1")
+        if self.gpu_memory_gb <= 0:
+            raise ValueError(f"gpu_memory_gb={self.gpu_memory_gb} must be > 0")
         if self.signal_lead_s < 0 or self.max_requeues < 0:
             raise ValueError("signal_lead_s and max_requeues must be >= 0")
 

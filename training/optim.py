@@ -61,8 +61,12 @@ def repair_after_load(optimizer, train: TrainConfig) -> None:
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig, device: torch.device):
-    # fused kernels exist for CUDA only; foreach is the fast path on the CPU.
-    fused = device.type == "cuda"
+    # fused kernels exist for CUDA only; foreach is the fast path on the CPU, which is also
+    # where the update runs when the optimizer is offloaded (train.offload_optimizer). There
+    # torch's AdamW rather than DeepSpeed's CPU Adam: the latter computes its bias correction
+    # by repeated multiplication but with pow() after a restart, so a resumed run drifts in
+    # the last bits, and a resume must continue the same curve.
+    fused = device.type == "cuda" and not train.offload_optimizer
     return torch.optim.AdamW(
         param_groups(model, train.weight_decay),
         lr=train.lr,

@@ -50,6 +50,7 @@ from training.ema import ShardedEMA
 from training.metrics_log import MetricsLogger
 from training.model_inputs import ModelInputs
 from training.optim import build_optimizer, lr_at, repair_after_load
+from training.regional_compile import compile_blocks, compile_count
 
 log = logging.getLogger("mmdit.train")
 
@@ -172,35 +173,56 @@ class Trainer:
 
     def _build_engine(self) -> None:
         import deepspeed
-        from deepspeed.utils import set_z3_leaf_modules
 
         universal = self.resume_from is not None and self.resume_from.world_size != self.world
         self.load_tag = DS_TAG
         if universal:
             self.load_tag = self.checkpoints.ensure_universal(self.resume_from)
         self.ds_config = deepspeed_config(self.config, self.world, load_universal=universal)
-        torch.manual_seed(self.train.seed)  # the same initial weights on every rank
+        model = self._build_model()
+        t = self.train
+        model.set_activation_checkpointing(
+            t.activation_checkpointing, t.activation_checkpointing_every
+        )
+        if t.compile:
+            compile_blocks(model)
+        optimizer = build_optimizer(model, t, self.device)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config
+        )
+        self.model_dtype = MODEL_DTYPES[t.precision]
+        self.ema = ShardedEMA(
+            self.engine.module.named_parameters(), t.ema_decay, self.rank, self.world
+        )
+
+    def _build_model(self) -> MMDiT:
+        """The same initial weights on every rank and for every ZeRO stage and precision:
+        initialize_weights draws fp32 values from the global generator, seeded right before
+        it (building the modules consumes random numbers differently per dtype)."""
+        import deepspeed
+        from deepspeed.utils import set_z3_leaf_modules
+
+        cfg, seed = self.config.model, self.train.seed
+        if self.train.zero_stage < 3:
+            model = MMDiT(cfg, initialize=False)  # replicated: every rank builds the same
+            torch.manual_seed(seed)
+            model.initialize_weights()
+            return model
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, remote_device=None):
-            model = MMDiT(self.config.model, initialize=False)
+            model = MMDiT(cfg, initialize=False)
         # Parameters are sharded from birth: gather one part at a time, initialise it on
-        # rank 0 and let DeepSpeed scatter the result (modifier_rank=0 broadcasts it).
+        # rank 0 and let DeepSpeed scatter the result (modifier_rank=0 broadcasts it). The
+        # parts and their order are those of initialize_weights().
+        torch.manual_seed(seed)
         for part in model.weight_init_parts():
             params = list(part.parameters())
             with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
                 if self.rank == 0:
                     model.initialize_weights([part])
         model.initialize_weights([])  # the fixed position table (a buffer, not sharded)
-        model.set_activation_checkpointing(self.train.activation_checkpointing)
         # Gather each block's parameters in one go instead of one Linear at a time.
         set_z3_leaf_modules(model, [JointBlock])
-        optimizer = build_optimizer(model, self.train, self.device)
-        self.engine, *_ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=self.ds_config
-        )
-        self.model_dtype = MODEL_DTYPES[self.train.precision]
-        self.ema = ShardedEMA(
-            self.engine.module.named_parameters(), self.train.ema_decay, self.rank, self.world
-        )
+        return model
 
     def _build_data(self) -> None:
         data = self.config.data
@@ -262,6 +284,7 @@ class Trainer:
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {checkpoint.path / self.load_tag}")
         repair_after_load(self.engine.optimizer.optimizer, self.train)
+        self.ema.bind()  # loading may have replaced the optimizer's flat fp32 buffers
         self.ema.load(checkpoint.path)
         if checkpoint.world_size == self.world:
             client = checkpoint.client_state(self.rank)
@@ -415,6 +438,8 @@ class Trainer:
         )
         if peak:
             metrics["mfu"] = mfu(flops_per_device, peak)
+        if self.train.compile:
+            metrics["compiled_graphs"] = compile_count()  # recompiles show up as growth
         self.metrics.log(self.step, {**metrics, **(extra or {})})
         self._reset_log_window()
 
@@ -442,6 +467,23 @@ class Trainer:
             log.info("checkpoint %s written in %.1fs", path, time.perf_counter() - t0)
         return path
 
+    def levers(self) -> str:
+        """The settings that decide speed and memory, as one log line."""
+        t = self.train
+        offload = [
+            n for n, on in (("optimizer", t.offload_optimizer), ("params", t.offload_params)) if on
+        ]
+        checkpointing = t.activation_checkpointing
+        if checkpointing != "none" and t.activation_checkpointing_every > 1:
+            checkpointing += f" every {t.activation_checkpointing_every} blocks"
+        return (
+            f"{t.precision}, ZeRO-{t.zero_stage}"
+            + (f" offloading {' and '.join(offload)} to CPU" if offload else "")
+            + f", attention {self.config.model.attention_backend}"
+            + f", activation checkpointing {checkpointing}"
+            + f", torch.compile {'per block' if t.compile else 'off'}"
+        )
+
     def _checkpoint_requested(self) -> bool:
         request = self.run_dir / CHECKPOINT_REQUEST_FILE
         mine = (self.stop_flag is not None and self.stop_flag.received is not None) or (
@@ -463,6 +505,7 @@ class Trainer:
                 self.accumulation,
                 self.global_batch,
             )
+            log.info("levers: %s", self.levers())
         batches = iter(self.loader)
         last_saved = self.step if self.resume_from is not None else -1
         if self.validator is not None and self.step == 0:

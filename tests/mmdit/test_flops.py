@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mmdit import flops
 from mmdit.model import MMDiT, MMDiTConfig
+from tests.mmdit.tiny_mmdit import tiny
 
 # Tiny shapes: (depth, heads, head_dim, dual layers, qk_norm, latent H, latent W, text tokens).
 CASES = [
@@ -138,3 +139,17 @@ def test_mfu_and_peaks():
     assert flops.peak_bf16_flops("NVIDIA H200") == 989e12
     assert flops.peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert flops.peak_bf16_flops("NVIDIA GeForce RTX 3090") is None
+
+
+def test_block_param_counts_match_each_block_of_the_model():
+    from mmdit.flops import block_param_counts, largest_block_params
+
+    cfg = tiny(qk_norm="rms_norm", dual_attention_layers=(1,))
+    model = MMDiT(cfg)
+    counted = []
+    for i, block in enumerate(model.blocks):
+        image = sum(p.numel() for p in block.x.parameters())
+        text = sum(p.numel() for p in block.context.parameters())
+        assert block_param_counts(cfg, i) == (image, text), i
+        counted.append(image + text)
+    assert largest_block_params(cfg) == max(counted) == counted[1]  # the dual-attention one

@@ -4,13 +4,18 @@ product code):
 - MMDIT_TEST_NAN_AT="STEP:RANK": rank RANK's loss is NaN at (0-based) step STEP;
   "STEP+:RANK" from STEP on.
 - MMDIT_TEST_DUMP_DIR=DIR: after initialisation and after every step, rank 0 writes the full
-  gathered weights to DIR/weights_{step}.safetensors and whether the update was applied; every
-  rank writes a hash of its local fp32 partitions to DIR/partitions_{step}_rank_{r}.txt.
+  fp32 master weights to DIR/weights_{step}.safetensors and whether the update was applied;
+  every rank writes a hash of its local fp32 partitions to DIR/partitions_{step}_rank_{r}.txt.
 - MMDIT_TEST_KILL_AFTER_STEP=STEP: SIGKILL the whole job (kill -9) right after step STEP.
 - MMDIT_TEST_SIGNAL_AFTER_STEP=STEP: every rank sends itself SIGUSR2 right after step STEP
   (what Slurm's --signal=USR2@LEAD does before a time limit).
 - MMDIT_TEST_KILL_IN_SAVE_AT=STEP: SIGKILL the whole job while the checkpoint of STEP is being
   written (after the shards, before the manifest).
+- MMDIT_TEST_COUNT_SYNCS=DIR: count the calls that make the host wait for the device
+  (Tensor.item/tolist/cpu/numpy/__bool__/__float__/__int__, torch.cuda.synchronize) made
+  inside each optimizer step (Trainer.train_step: micro batches, backward, update, EMA), by
+  the file, line and function that made them; every rank writes DIR/syncs_rank_{r}.json as
+  {step: {"file:line function": count}}.
 """
 
 from __future__ import annotations
@@ -52,8 +57,7 @@ if nan_at:
     Trainer.compute_loss = compute_loss
 
 if dump_dir:
-    import deepspeed
-    from deepspeed.utils import safe_get_local_fp32_param
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
 
     out = Path(dump_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,12 +69,12 @@ if dump_dir:
             digest.update(safe_get_local_fp32_param(params[name]).detach().numpy().tobytes())
         part = out / f"partitions_{trainer.step}_rank_{trainer.rank}.txt"
         part.write_text(digest.hexdigest())
-        with deepspeed.zero.GatheredParameters(list(params.values())):
-            if trainer.rank == 0:
-                full = {n: p.detach().clone().float().contiguous() for n, p in params.items()}
-                save_file(full, str(out / f"weights_{trainer.step}.safetensors"))
-                meta = {"applied": applied}
-                (out / f"weights_{trainer.step}.json").write_text(json.dumps(meta))
+        # The fp32 master weights (what the EMA follows), gathered: a collective.
+        full = {n: safe_get_full_fp32_param(p).clone().contiguous() for n, p in params.items()}
+        if trainer.rank == 0:
+            save_file(full, str(out / f"weights_{trainer.step}.safetensors"))
+            meta = {"applied": applied}
+            (out / f"weights_{trainer.step}.json").write_text(json.dumps(meta))
 
     original_init, original_step = Trainer.__init__, Trainer.train_step
 
@@ -105,6 +109,43 @@ if kill_after:
         return applied
 
     Trainer.train_step = train_step_then_kill
+
+count_syncs = os.environ.get("MMDIT_TEST_COUNT_SYNCS")
+if count_syncs:
+    import collections
+
+    import torch
+
+    sync_out = Path(count_syncs)
+    sync_out.mkdir(parents=True, exist_ok=True)
+    in_step: list[collections.Counter] = []  # the current step's counter while one runs
+
+    def counting(original):
+        def wrapper(*args, **kwargs):
+            if in_step:
+                caller = sys._getframe(1)
+                code = caller.f_code
+                in_step[-1][f"{code.co_filename}:{caller.f_lineno} {code.co_qualname}"] += 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
+    torch.cuda.synchronize = counting(torch.cuda.synchronize)
+    counted_step = Trainer.train_step
+    per_step: dict[int, dict[str, int]] = {}
+
+    def train_step_counting_syncs(self, batches):
+        in_step.append(collections.Counter())
+        try:
+            return counted_step(self, batches)
+        finally:
+            per_step[self.step] = dict(in_step.pop())
+            path = sync_out / f"syncs_rank_{self.rank}.json"
+            path.write_text(json.dumps(per_step, indent=1, sort_keys=True))
+
+    Trainer.train_step = train_step_counting_syncs
 
 signal_after = os.environ.get("MMDIT_TEST_SIGNAL_AFTER_STEP")
 if signal_after:

@@ -55,7 +55,7 @@ def test_indivisible_global_batch_is_a_clear_error(world):
 @pytest.mark.parametrize("h", [64, 128, 192])
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_deepspeed_config_derives_from_the_run_config(h, precision):
-    model = tiny(hidden_size=h, num_heads=h // 64)
+    model = tiny(hidden_size=h, num_heads=h // 64, dual_attention_layers=(0,))
     train = TrainConfig(
         micro_batch_size=2, global_batch_size=24, precision=precision, grad_clip=0.5
     )
@@ -68,21 +68,46 @@ def test_deepspeed_config_derives_from_the_run_config(h, precision):
     assert cfg["fp16"] == {"enabled": False}
     zero = cfg["zero_optimization"]
     assert zero["stage"] == 3
-    assert zero["reduce_bucket_size"] == h * h
-    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * h * h)
+    # ZeRO-3 gathers one block at a time: the prefetch must hold the whole next block,
+    # the largest of them (the dual-attention one here), counted off a real model.
+    largest = max(sum(p.numel() for p in b.parameters()) for b in MMDiT(model).blocks)
+    assert zero["stage3_prefetch_bucket_size"] >= largest
+    assert zero["reduce_bucket_size"] >= largest
     assert zero["stage3_param_persistence_threshold"] == 10 * h
     assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    # Never DeepSpeed's process-wide replacement of F.linear (slower, opaque to compile).
+    assert zero["memory_efficient_linear"] is False
+    assert "offload_optimizer" not in zero and "offload_param" not in zero
     assert cfg["checkpoint"] == {"load_universal": False}
 
 
 def test_deepspeed_config_numbers_for_d2_and_universal_flag():
     cfg = deepspeed_config(RunConfig(), world_size=2, load_universal=True)
     zero = cfg["zero_optimization"]
-    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"]) == (16384, 14745)
+    # d2 (hidden 128): the largest block is a full one, 36 h^2 weights + 30 h biases.
+    block = 36 * 128 * 128 + 30 * 128
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"]) == (block, block)
     assert zero["stage3_param_persistence_threshold"] == 1280
     assert cfg["checkpoint"]["load_universal"] is True
     # default train config: micro 4, no accumulation
     assert (cfg["train_batch_size"], cfg["gradient_accumulation_steps"]) == (8, 1)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_1_and_2_get_all_gather_buckets_and_no_stage3_keys(stage):
+    run = RunConfig(train=TrainConfig(zero_stage=stage, offload_optimizer=True))
+    zero = deepspeed_config(run, world_size=2)["zero_optimization"]
+    assert zero["stage"] == stage and zero["allgather_bucket_size"] == zero["reduce_bucket_size"]
+    assert not any(k.startswith("stage3_") for k in zero)
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+
+
+def test_offloading_parameters_needs_zero3():
+    run = RunConfig(train=TrainConfig(offload_params=True, offload_optimizer=True))
+    zero = deepspeed_config(run, world_size=2)["zero_optimization"]
+    assert zero["offload_param"] == {"device": "cpu", "pin_memory": True}
+    with pytest.raises(ValueError, match="offload_params needs zero_stage=3"):
+        TrainConfig(zero_stage=2, offload_params=True)
 
 
 def test_deepspeed_config_rejects_indivisible_global_batch():
