@@ -104,6 +104,10 @@ def detect(environ: Mapping[str, str] | None = None) -> DistEnv:
             master_port=port,
             launcher="srun",
         )
+    if "MASTER_PORT" not in env:
+        # A lone process still opens a (one-rank) group; two of them on one machine (a run
+        # and an eval, two test sessions) would collide on a fixed default port.
+        port = free_ports(1)[0]
     return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
 
 

@@ -36,7 +36,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from mmdit.typed_config import add_config_arguments, config_from_args, load, to_dict
+from eval.checkpoints import read_model_config
+from mmdit.typed_config import add_config_arguments, config_from_args, to_dict
 from slurm.job_state import (
     JobStateTimeout,
     Observation,
@@ -136,13 +137,14 @@ def check_run_dir(run_dir: Path, config: RunConfig) -> None:
             )
     latest = run_dir / "checkpoints" / "latest"
     if latest.is_file():
-        saved = run_dir / "checkpoints" / latest.read_text().strip() / "config.yaml"
-        if saved.is_file():
-            theirs = load(RunConfig, saved).model
-            if theirs != config.model:
-                differing = sorted(
-                    k for k, v in asdict(theirs).items() if asdict(config.model)[k] != v
-                )
+        step_dir = run_dir / "checkpoints" / latest.read_text().strip()
+        if (step_dir / "config.yaml").is_file():
+            # The model section only (older run files may not load whole under today's
+            # schema), compared on what decides the weights, not how attention is computed.
+            theirs = read_model_config(step_dir)
+            if not theirs.same_weights_as(config.model):
+                mine = asdict(config.model.portable())
+                differing = sorted(k for k, v in asdict(theirs).items() if mine[k] != v)
                 raise SubmitError(
                     f"train.run_dir {run_dir} holds a run of another model (differs in "
                     f"{', '.join(differing)}); resuming it with this config would not work: "

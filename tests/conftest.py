@@ -49,3 +49,20 @@ def digit_shards(tmp_path_factory):
             members += digit_members(i, digits.images[i], int(digits.target[i]))
         (root / f"{s:06d}.tar").write_bytes(make_tar(members))
     return root
+
+
+@pytest.fixture(scope="session")
+def digit_cache(tmp_path_factory, digit_shards, tiny_components):
+    """The digit shards precomputed (VAE posteriors + text embeddings of the tiny components),
+    8 cache shards at 32 px: what SD3-style runs train from."""
+    from data_pipeline.precompute import main as precompute_main
+
+    out = tmp_path_factory.mktemp("digit_cache")
+    argv = [
+        "--config", "configs/debug_cpu.yaml", "--out", str(out), "--device", "cpu",
+        f"data.shards={digit_shards}/{{000000..000007}}.tar",
+        f"conditioning.components={tiny_components}", "data.resolution=32",
+        "--rank", "0", "--world-size", "1",
+    ]  # fmt: skip
+    assert precompute_main(argv) == 0
+    return out

@@ -100,7 +100,7 @@ def test_val_loss_is_deterministic_across_runs_and_world_sizes(
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        "--master_port=29861", "-m", "eval.evaluate", *common, "--out", str(tmp_path / "c"),
+        "--standalone", "-m", "eval.evaluate", *common, "--out", str(tmp_path / "c"),
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 from torch import nn
 
 from eval.checkpoints import LATEST, MANIFEST, ema_shard_name, step_dir_name
+from mmdit.distributed import free_ports
 from training.checkpoint import (
     TMP_PREFIX,
     CheckpointManager,
@@ -310,12 +310,6 @@ def test_save_publishes_validates_and_prunes(tmp_path):
 # -- two real ranks --------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_two_ranks_agree_to_skip_a_checkpoint_only_rank_1_sees_damaged(tmp_path):
     run = tmp_path / "run"
@@ -335,7 +329,7 @@ def test_two_ranks_agree_to_skip_a_checkpoint_only_rank_1_sees_damaged(tmp_path)
             "--nproc_per_node",
             "2",
             "--master_port",
-            str(_free_port()),
+            str(free_ports(1)[0]),
             str(FIND),
             str(run),
         ],

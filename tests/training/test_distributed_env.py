@@ -123,7 +123,10 @@ def test_detect_srun_uses_scontrol_when_present(fake_scontrol):
 
 
 def test_detect_single_process():
-    assert detect({}) == DistEnv(0, 1, 0, "127.0.0.1", DEFAULT_PORT, "single")
+    single = detect({})
+    assert single.launcher == "single" and (single.rank, single.world_size) == (0, 1)
+    # No launcher picked a port: one the OS says is free, so two lone processes differ.
+    assert single.master_port != DEFAULT_PORT and single.master_port != detect({}).master_port
     assert detect({"MASTER_PORT": "1234"}).master_port == 1234
 
 
