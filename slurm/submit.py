@@ -18,8 +18,10 @@ the next log step, the job requeues itself (at most `launch.max_requeues` times)
 allocation resumes from that checkpoint. Logs and submitit's files go to RUN_DIR/slurm/.
 
 Everything is checked before submission: the config, the partition (`sinfo`), the whole
-request (`sbatch --test-only`), and that the run directory is not in use by a live job or
-holding a run of another model. `--dry-run` runs the same checks and prints the request.
+request (`sbatch --test-only`), that the run directory is not in use by a live job or
+holding a run of another model, and that a training job fits in its GPUs' memory (the memory
+plan of `mmdit-plan`, for launch.gpu_memory_gb per GPU). `--dry-run` runs the same checks and
+prints the request and the memory plan.
 
 `--wait` follows the submitted job to its final state (one line per state change, requeues
 included) and sets the exit status: 0 COMPLETED, 1 ended in another state (FAILED, TIMEOUT,
@@ -33,7 +35,7 @@ import json
 import math
 import shlex
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from eval.checkpoints import read_model_config
@@ -93,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--exclusive", action="store_true", default=None)
     res.add_argument("--signal-lead", type=int, dest="signal_lead_s", help="seconds")
     res.add_argument("--max-requeues", type=int)
+    res.add_argument(
+        "--ignore-memory-plan",
+        action="store_true",
+        help="submit a training job even when its memory plan (mmdit-plan) says it will not "
+        "fit on launch.gpu_memory_gb (the plan is an estimate)",
+    )
     follow = parser.add_argument_group("following the job")
     follow.add_argument(
         "--wait",
@@ -150,6 +158,23 @@ def check_run_dir(run_dir: Path, config: RunConfig) -> None:
                     f"{', '.join(differing)}); resuming it with this config would not work: "
                     "choose another train.run_dir"
                 )
+
+
+def check_memory(config: RunConfig, args: argparse.Namespace) -> str:
+    """The training job's memory plan (training.memory_plan), to print; refuses a job that
+    will not fit on its GPUs unless --ignore-memory-plan. CPU tasks have no plan."""
+    if not config.launch.gpus:
+        return "memory plan: none for CPU tasks (launch.gpus false / --cpu)"
+    from training.memory_plan import plan
+
+    memory = plan(config, config_name=args.config)
+    if not memory.fits and not args.ignore_memory_plan:
+        raise SubmitError(
+            f"the run will not fit: {memory.total_bytes / 2**30:.1f} GiB per GPU of "
+            f"{memory.capacity_bytes / 2**30:.0f} GiB (launch.gpu_memory_gb); {memory.advice}. "
+            f"See mmdit-plan --config {args.config} (or pass --ignore-memory-plan)"
+        )
+    return memory.render()
 
 
 # -- rendering ---------------------------------------------------------------------------------
@@ -313,9 +338,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 0
     if args.job == "train":
         check_run_dir(run_dir, config)
+        memory = check_memory(replace(config, launch=launch), args)
     verdict = validate(request, script)
     print(describe(request, argv, args.job))
     if args.dry_run:
+        if args.job == "train":
+            print(memory)
         print(f"dry run: nothing submitted. Slurm says: {verdict}")
         return 0
     log_dir.mkdir(parents=True, exist_ok=True)

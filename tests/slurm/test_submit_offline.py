@@ -146,3 +146,35 @@ def test_ladder_emits_one_training_job_per_rung(capsys):
     for rung in rungs:
         assert f"train.run_dir={Path(rung.run_dir).resolve()}" in printed
         assert f"model.depth={rung.depth} train.max_steps={rung.steps}" in printed
+
+
+def test_a_training_job_that_will_not_fit_is_refused_before_slurm_is_asked(capsys):
+    # micro batch 128 without checkpointing at 256 px: ~102 GiB per 80 GiB GPU (mmdit-plan).
+    d24_256 = str(REPO / "configs" / "d24_256px.yaml")
+    assert main(["--config", d24_256, "--dry-run", "train.micro_batch_size=128"]) == 2
+    err = capsys.readouterr().err
+    assert "the run will not fit: 10" in err and "GiB per GPU of 80 GiB" in err
+    assert "micro batch" in err and "--ignore-memory-plan" in err
+    # The same on a 141 GiB H200 passes the memory check and goes on to ask Slurm.
+    h200 = ["launch.gpu_memory_gb=141", "train.micro_batch_size=128"]
+    main(["--config", d24_256, "--dry-run", *h200])
+    assert "will not fit" not in capsys.readouterr().err
+    main(["--config", d24_256, "--dry-run", "--ignore-memory-plan", "train.micro_batch_size=128"])
+    assert "will not fit" not in capsys.readouterr().err
+
+
+def test_shipped_cluster_configs_fit_their_gpus():
+    from mmdit.typed_config import load
+    from training.config import RunConfig
+    from training.memory_plan import plan
+
+    for name in ("d24_256px.yaml", "d24_512px.yaml"):
+        memory = plan(load(RunConfig, REPO / "configs" / name))
+        assert memory.fits, memory.render()
+        assert memory.total_bytes < 0.75 * memory.capacity_bytes, name  # headroom left
+    from slurm.ladder import expand, load_ladder
+
+    ladder = load_ladder(REPO / "configs" / "scaling" / "ladder_cluster.yaml")
+    for rung in expand(ladder):
+        memory = plan(load(RunConfig, ladder.base, list(rung.overrides)))
+        assert memory.fits, (rung.name, memory.render())
