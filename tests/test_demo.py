@@ -14,7 +14,9 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+# The quick demo takes ~4 min on 2 idle cores; the bounds below leave room for a loaded
+# machine (it timed out at pytest's default 900 s under a load average of 17).
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")
