@@ -4,12 +4,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
 
 from mmdit.distributed import detect
 from slurm.local_cluster import LocalSlurmCluster, SlurmClusterError, missing_binaries
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def job_port(job_id: int | str) -> int:
@@ -43,9 +48,13 @@ def slurm_cluster(tmp_path_factory):
     print(f"\nlocal Slurm cluster under {root} up in {time.monotonic() - t0:.1f} s")
     saved = {k: os.environ.get(k) for k in cluster.env}
     os.environ.update(cluster.env)
+    # A SIGTERM (a CI time limit, `timeout`) would end pytest without this finalizer and leave
+    # five daemons running; as an interrupt, pytest unwinds and the cluster is stopped.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         yield cluster
     finally:
+        signal.signal(signal.SIGTERM, previous)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
