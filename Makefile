@@ -20,6 +20,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PIP) install --progress-bar off -r requirements.lock
 	$(PIP) install --quiet --no-deps --no-build-isolation -e .
 	$(PIP) check
+	$(PY) -m training.launch  # DeepSpeed's JIT ops, built once here rather than in a test
 	touch $@
 
 # The tests marked `slurm` start a real local Slurm cluster (slurm/local_cluster.py): install

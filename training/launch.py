@@ -3,16 +3,24 @@ NCCL on GPUs, gloo on its CPU accelerator)."""
 
 from __future__ import annotations
 
+import os
+import sys
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
 from mmdit.distributed import DistEnv, export_env
 
 
-def init(dist_env: DistEnv, timeout_s: int = 1800) -> torch.device:
-    """Export the torch rendezvous variables, start the process group, return our device."""
+def init(dist_env: DistEnv, timeout_s: float = 3600) -> torch.device:
+    """Export the torch rendezvous variables, start the process group (collectives time out
+    after `timeout_s`, faults.collective_timeout_s), return our device."""
     export_env(dist_env)
+    # A collective that times out or fails aborts the communicator and raises, instead of
+    # leaving a rank waiting (torch's default; a site that chose another mode keeps it).
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    use_environment_extensions()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -29,3 +37,28 @@ def init(dist_env: DistEnv, timeout_s: int = 1800) -> torch.device:
             timeout=timedelta(seconds=timeout_s),
         )
     return device
+
+
+def use_environment_extensions() -> Path:
+    """Keep DeepSpeed's JIT-compiled ops (the CPU accelerator's shared-memory collectives) in
+    this Python environment (`TORCH_EXTENSIONS_DIR`, unless set) instead of the user-wide
+    ~/.cache: a build depends on the environment's include paths, so checkouts sharing one
+    cache rebuild over each other's op, and a process killed while building leaves a lock
+    that makes the next run wait forever. `make` builds the op once (`build_ops`)."""
+    return Path(
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    )
+
+
+def build_ops() -> None:
+    """Compile DeepSpeed's ops that this machine's accelerator loads at start-up, so no
+    training run (or test) compiles them. Run by `make setup`."""
+    where = use_environment_extensions()
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+    print(f"DeepSpeed ops ready in {where}")
+
+
+if __name__ == "__main__":
+    build_ops()
