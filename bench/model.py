@@ -1,9 +1,12 @@
-"""Forward+backward speed of our MMDiT against diffusers' SD3Transformer2DModel.
+"""Forward+backward speed of our MMDiT, eager and compiled, against diffusers'
+SD3Transformer2DModel (eager).
 
-Both models compute the same function: diffusers' is built from ``mmdit.convert.to_diffusers``
-applied to our (randomised) weights, and the outputs are compared before timing. Steps are
-interleaved (ours, theirs, theirs, ours, ...) so that clock drift, thermal state and background
-load hit both alike; the medians of >= 30 steps each are compared.
+All models compute the same function: diffusers' is built from ``mmdit.convert.to_diffusers``
+applied to our (randomised) weights, and the outputs are compared before timing. "ours_compiled"
+is a copy of our model with every joint block compiled by
+``training.regional_compile.compile_blocks`` (the trainer's ``train.compile``). Steps are
+interleaved (the order of the models reverses every step) so that clock drift, thermal state and
+background load hit all alike; the medians of >= 30 steps each are compared.
 
     python bench/model.py                                   # tiny config on the CPU (< 2 min)
     python bench/model.py --preset d24-512 --device cuda    # SD3-M size at 512 px, bf16, MFU
@@ -14,6 +17,7 @@ On CUDA the JSON also holds TFLOP/s and MFU from ``mmdit.flops`` (exact matmul c
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -30,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from mmdit import flops
 from mmdit.convert import to_diffusers
 from mmdit.model import MMDiT, MMDiTConfig
+from training.regional_compile import compile_blocks, compile_count
 
 PRESETS = {
     # The DESIGN.md CPU comparison: d=2 by the size rule (hidden 128, 2 heads) at 256 px
@@ -56,7 +61,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: fp32 on CPU, bf16 on CUDA")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument(
+        "--compile", action="store_true", help="also torch.compile ours and diffusers whole"
+    )
+    p.add_argument(
+        "--no-compiled",
+        action="store_true",
+        help="skip ours_compiled (our blocks compiled by training.regional_compile)",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--only-ours", action="store_true", help="skip diffusers (e.g. out of memory)")
     p.add_argument("--out", type=Path, help="JSON path (default bench/results/model_<dev>.json)")
@@ -97,7 +109,13 @@ def build(args, device, dtype):
         theirs.load_state_dict(d_sd)
         theirs = theirs.to(device=device, dtype=dtype).train()
     ours = ours.to(device=device, dtype=dtype).train()
-    return cfg, ours, theirs
+    compiled = None
+    if not args.no_compiled:
+        # A copy with the same weights, so the eager model stays eager; compiled in place the
+        # way the trainer does it (train.compile): each joint block's forward, token dim dynamic.
+        compiled = copy.deepcopy(ours)
+        compile_blocks(compiled)
+    return cfg, ours, compiled, theirs
 
 
 def make_inputs(cfg, args, device, dtype):
@@ -121,11 +139,14 @@ def main(argv=None) -> dict:
     cuda = device.type == "cuda"
     # Other work on the machine skews CPU timings badly; keep the evidence with the numbers.
     load_before = os.getloadavg()
-    cfg, ours, theirs = build(args, device, dtype)
+    cfg, ours, compiled, theirs = build(args, device, dtype)
     x, sigma, ctx, pooled = make_inputs(cfg, args, device, dtype)
 
     def f_ours():
         return ours(x, sigma, ctx, pooled)
+
+    def f_compiled():
+        return compiled(x, sigma, ctx, pooled)
 
     def f_theirs():
         # diffusers takes the timestep as sigma * 1000 (DESIGN.md, interop pitfalls).
@@ -140,13 +161,28 @@ def main(argv=None) -> dict:
         f_ours = torch.compile(f_ours)
         f_theirs = torch.compile(f_theirs)
 
-    max_abs_diff = None
+    max_abs_diff = compiled_diff = None
+    with torch.no_grad():
+        a = f_ours().float()
+    scale = a.abs().max().item()
     if theirs is not None:
         with torch.no_grad():
-            a, b = f_ours().float(), f_theirs().float()
+            b = f_theirs().float()
         max_abs_diff = (a - b).abs().max().item()
-        scale = a.abs().max().item()
         print(f"parity: max |ours - diffusers| = {max_abs_diff:.3g} (max |out| = {scale:.3g})")
+    compile_s = None
+    if compiled is not None:
+        # With grad enabled: under no_grad dynamo would build a second, inference-only graph
+        # that the timed steps never use. This first call is the forward compile.
+        t0 = time.perf_counter()
+        c = f_compiled().detach().float()
+        compile_s = time.perf_counter() - t0
+        compiled_diff = (a - c).abs().max().item()
+        print(
+            f"parity: max |ours_compiled - ours| = {compiled_diff:.3g}; forward compiled in "
+            f"{compile_s:.1f} s ({compile_count()} graphs)",
+            flush=True,
+        )
 
     def step(model, fn) -> float:
         model.zero_grad(set_to_none=True)
@@ -158,11 +194,17 @@ def main(argv=None) -> dict:
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
-    runs = [("ours", ours, f_ours)] + ([("diffusers", theirs, f_theirs)] if theirs else [])
+    runs = [("ours", ours, f_ours)]
+    runs += [("ours_compiled", compiled, f_compiled)] if compiled is not None else []
+    runs += [("diffusers", theirs, f_theirs)] if theirs is not None else []
     times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+    warmup: dict[str, list[float]] = {name: [] for name, _, _ in runs}
     for i in range(args.warmup):
         for name, model, fn in runs:
-            print(f"warmup {i + 1}/{args.warmup} {name}: {step(model, fn):.4f} s", flush=True)
+            warmup[name].append(
+                step(model, fn)
+            )  # the compiled one's first holds the backward compile
+            print(f"warmup {i + 1}/{args.warmup} {name}: {warmup[name][-1]:.4f} s", flush=True)
     for i in range(args.iters):
         # Alternate which model goes first so neither always follows the other.
         for name, model, fn in runs if i % 2 == 0 else runs[::-1]:
@@ -172,6 +214,11 @@ def main(argv=None) -> dict:
 
     med = {n: statistics.median(t) for n, t in times.items()}
     ratio = med["ours"] / med["diffusers"] if "diffusers" in med else None
+    ratio_compiled = (
+        med["ours_compiled"] / med["diffusers"]
+        if "diffusers" in med and "ours_compiled" in med
+        else None
+    )
 
     flop_step = args.batch * flops.matmul_flops_per_sample(
         cfg, args.size, args.width, args.text_len, training=True
@@ -179,7 +226,7 @@ def main(argv=None) -> dict:
     approx_step = args.batch * flops.approx_train_flops_per_sample(
         cfg, (args.size // cfg.patch_size) * (args.width // cfg.patch_size), args.text_len
     )
-    device_name = torch.cuda.get_device_name(device) if cuda else _cpu_name()
+    device_name = flops.device_name(device)
     # Model FLOPs (the work our formula says the step needs) for both: extra work diffusers
     # does (text queries in the last block) counts as overhead, as in any MFU figure.
     perf = {n: {"tflops": flop_step / m / 1e12} for n, m in med.items()}
@@ -207,11 +254,17 @@ def main(argv=None) -> dict:
         "config": dataclasses.asdict(cfg),
         "params": flops.param_counts(cfg),
         "parity_max_abs_diff": max_abs_diff,
+        "compiled_parity_max_abs_diff": compiled_diff,
+        "compiled_forward_compile_s": compile_s,
+        "compiled_graphs": compile_count() if compiled is not None else None,
         "train_matmul_flops_per_step": flop_step,
         "train_approx_flops_per_step": approx_step,
         "median_s": med,
         "ratio_ours_over_diffusers": ratio,
+        "ratio_ours_compiled_over_diffusers": ratio_compiled,
+        "targets": {"ratio_ours_over_diffusers": 0.9, "ratio_ours_compiled_over_diffusers": 0.7},
         "perf": perf,
+        "warmup_s": warmup,
         "times_s": times,
     }
     out = args.out or Path(__file__).resolve().parent / "results" / f"model_{device.type}.json"
@@ -219,22 +272,16 @@ def main(argv=None) -> dict:
     out.write_text(json.dumps(result, indent=2) + "\n")
 
     summary = "  ".join(f"{n} {m * 1e3:.1f} ms" for n, m in med.items())
-    print(f"median fwd+bwd: {summary}" + (f"  ratio ours/diffusers = {ratio:.3f}" if ratio else ""))
+    print(f"median fwd+bwd: {summary}")
+    if ratio:
+        print(f"ratio ours/diffusers = {ratio:.3f} (target <= 0.9)")
+    if ratio_compiled:
+        print(f"ratio ours_compiled/diffusers = {ratio_compiled:.3f} (target <= 0.7)")
     for n, p in perf.items():
         extra = f"  MFU {p['mfu']:.1%}" if "mfu" in p else ""
         print(f"{n}: {p['tflops']:.2f} TFLOP/s{extra}")
     print(f"wrote {out}")
     return result
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def _version(pkg: str) -> str | None:

@@ -18,6 +18,8 @@ are well under 1% of the matmul work at any real size.
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
 from typing import Any
 
 TIMESTEP_DIM = 256  # width of the sinusoidal timestep features fed to the timestep MLP
@@ -29,6 +31,23 @@ PEAK_BF16_FLOPS = {
     "H200": 989e12,
     "A100": 312e12,
 }
+
+
+def device_name(device) -> str:
+    """What a device is, for peak look-ups and benchmark records: the CUDA device's name, or
+    the CPU model from /proc/cpuinfo."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def peak_bf16_flops(device_name: str) -> float | None:
