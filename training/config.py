@@ -130,6 +130,10 @@ class LaunchConfig:
     # ranks at the next step boundary and requeues itself, at most max_requeues times.
     signal_lead_s: int = 180
     max_requeues: int = 20
+    # After a hang or a lost rank (training.watchdog) the job requeues itself (counted in
+    # max_requeues); with this, the hosts of the stuck ranks are excluded from the next
+    # allocation (scontrol update ExcNodeList).
+    exclude_bad_nodes: bool = False
 
     def __post_init__(self):
         if self.nodes < 1 or self.gpus_per_node < 1 or self.cpus_per_task < 1:
@@ -141,6 +145,40 @@ class LaunchConfig:
 
 
 @dataclass(frozen=True)
+class FaultConfig:
+    """How long each part of training may take on a rank before the job is declared hung
+    (training.watchdog). 0 = no limit."""
+
+    # Building the model, loading a checkpoint, starting the data workers and the first step
+    # (which compiles and gathers the first batches).
+    setup_timeout_s: float = 1800.0
+    # One optimizer step (micro batches, update, EMA, log-step collectives). With
+    # step_timeout_factor > 0 the limit is max(step_timeout_s, factor x the slowest of the
+    # recent steps): a floor that adapts to the run's own speed.
+    step_timeout_s: float = 600.0
+    step_timeout_factor: float = 0.0
+    checkpoint_timeout_s: float = 1800.0
+    eval_timeout_s: float = 1800.0  # validation and preview grids
+    heartbeat_s: float = 10.0  # how often each rank writes RUN/heartbeats/rank_N.json
+    # The process group's own timeout, a last resort behind the limits above (which report
+    # the stuck rank); NCCL's async error handling is on, so a timed-out collective aborts.
+    collective_timeout_s: float = 3600.0
+
+    def __post_init__(self):
+        limits = (
+            self.setup_timeout_s,
+            self.step_timeout_s,
+            self.step_timeout_factor,
+            self.checkpoint_timeout_s,
+            self.eval_timeout_s,
+        )
+        if min(limits) < 0:
+            raise ValueError("fault timeouts and step_timeout_factor must be >= 0 (0 = no limit)")
+        if self.heartbeat_s <= 0 or self.collective_timeout_s <= 0:
+            raise ValueError("heartbeat_s and collective_timeout_s must be > 0")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: MMDiTConfig = field(default_factory=lambda: MMDiTConfig.preset("d2"))
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
@@ -148,3 +186,4 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)

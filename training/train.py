@@ -12,6 +12,11 @@ checkpoint; the data stream continues where it was).
 
 Touch RUN/CHECKPOINT_NOW to get a checkpoint at the next step. SIGUSR2 or SIGTERM makes every
 rank checkpoint at the next step and exit with status 3 (resubmit to continue).
+
+A rank that stops making progress (the `faults.*_timeout_s` limits for set-up, a step, a
+checkpoint, validation) or dies makes every rank exit with status 4 after one log line naming
+it; RUN/faults.jsonl keeps the record. Under torchrun, `--max-restarts N` restarts the job
+and it resumes from the last complete checkpoint; under mmdit-submit the job requeues itself.
 """
 
 from __future__ import annotations
@@ -44,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, on_fault=None) -> int:
+    """Exit status: 0 done, 3 checkpointed on a signal (resubmit), 4 a rank hung or died
+    (training.watchdog; restart from the last checkpoint). `on_fault(report)` runs on the
+    rank that reports a hang, before the exit (slurm.tasks uses it to requeue)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     config = config_from_args(RunConfig, args, parser)
@@ -57,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after parsing so `--help` is instant and config errors come before DeepSpeed.
     from training.trainer import StopFlag, Trainer
 
-    trainer = Trainer(config, stop_flag=StopFlag())
+    trainer = Trainer(config, stop_flag=StopFlag(), on_fault=on_fault)
     return trainer.fit()
 
 

@@ -28,6 +28,7 @@ import logging
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -51,6 +52,7 @@ from training.metrics_log import MetricsLogger
 from training.model_inputs import ModelInputs
 from training.optim import build_optimizer, lr_at, repair_after_load
 from training.regional_compile import compile_blocks, compile_count
+from training.watchdog import HangReport, Limits, Watchdog
 
 log = logging.getLogger("mmdit.train")
 
@@ -118,12 +120,21 @@ class StopFlag:
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, *, stop_flag: StopFlag | None = None):
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        stop_flag: StopFlag | None = None,
+        on_fault: Callable[[HangReport], None] | None = None,
+    ):
+        """`on_fault`: what the launcher does after a hang or a lost peer is reported
+        (training.watchdog); on Slurm, requeue the job."""
         self.config = config
+        self.on_fault = on_fault
         self.train = config.train
         self.stop_flag = stop_flag
         self.env = distributed.detect()
-        self.device = launch.init(self.env)
+        self.device = launch.init(self.env, config.faults.collective_timeout_s)
         self.rank, self.world = self.env.rank, self.env.world_size
         self.run_dir = Path(self.train.run_dir)
         self.accumulation = accumulation_steps(self.train, self.world)
@@ -134,6 +145,7 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
+        self.watchdog = self._start_watchdog()
         self.checkpoints.remove_stale_temporaries()
         self.resume_from = self.checkpoints.find_resumable()
         self._build_engine()
@@ -170,6 +182,24 @@ class Trainer:
         self._reset_log_window()
 
     # -- set-up -------------------------------------------------------------------------------
+
+    def _start_watchdog(self) -> Watchdog:
+        f = self.config.faults
+        limits = Limits(
+            setup=f.setup_timeout_s,
+            step=f.step_timeout_s,
+            checkpoint=f.checkpoint_timeout_s,
+            eval=f.eval_timeout_s,
+            step_factor=f.step_timeout_factor,
+        )
+        return Watchdog(
+            self.run_dir,
+            self.rank,
+            self.world,
+            limits,
+            heartbeat_s=f.heartbeat_s,
+            on_fault=self.on_fault,
+        ).start()
 
     def _build_engine(self) -> None:
         import deepspeed
@@ -455,6 +485,7 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
+        self.watchdog.enter("checkpoint")
         t0 = time.perf_counter()
         path = self.checkpoints.save(
             self.engine,
@@ -492,6 +523,18 @@ class Trainer:
         return distributed.any_true(mine)
 
     def fit(self) -> int:
+        """Train to train.max_steps; EXIT_DONE, or EXIT_PREEMPTED after a signal's
+        checkpoint. A hang ends the process from the watchdog (EXIT_HUNG), and so does a
+        failed collective whose peer stopped beating; any other error is raised."""
+        try:
+            return self._fit()
+        except Exception as error:
+            self.watchdog.peer_failure(error)  # exits when a peer is gone
+            raise
+        finally:
+            self.watchdog.stop()
+
+    def _fit(self) -> int:
         t = self.train
         if self.rank == 0:
             log.info(
@@ -509,21 +552,16 @@ class Trainer:
         batches = iter(self.loader)
         last_saved = self.step if self.resume_from is not None else -1
         if self.validator is not None and self.step == 0:
+            self.watchdog.enter("eval")
             self.metrics.log(0, self.validator.run(self.ema) or {})  # the untrained baseline
             self._reset_log_window()
         while self.step < t.max_steps:
+            self.watchdog.enter("step", self.step + 1)  # numbered as the metrics number it
             self.train_step(batches)
-            val = None
-            if self.validator is not None and self.validator.due(self.step):
-                t0 = time.perf_counter()
-                val = self.validator.run(self.ema) or {}  # {} on ranks other than 0
-                self.window_start += time.perf_counter() - t0  # not training time
+            val = self._validate()
             if val is not None or self.step % t.log_every == 0 or self.step == t.max_steps:
                 self._log(val)
-            if self.previewer is not None and self.step % t.preview_every == 0:
-                t0 = time.perf_counter()
-                self.previewer.render(self.ema, self.step)
-                self.window_start += time.perf_counter() - t0  # not training time
+            self._preview()
             # Signals and CHECKPOINT_NOW are agreed on at log steps only: the agreement is a
             # collective whose result the host must read.
             log_step = self.step % t.log_every == 0 or self.step == t.max_steps
@@ -543,6 +581,26 @@ class Trainer:
             self.save_checkpoint()
         self.metrics.close()
         return EXIT_DONE
+
+    def _validate(self) -> dict | None:
+        """The EMA's validation loss when due ({} on ranks other than 0), else None."""
+        if self.validator is None or not self.validator.due(self.step):
+            return None
+        self.watchdog.enter("eval")
+        t0 = time.perf_counter()
+        val = self.validator.run(self.ema) or {}
+        self.window_start += time.perf_counter() - t0  # not training time
+        self.watchdog.enter("step")  # the log-step collectives that follow
+        return val
+
+    def _preview(self) -> None:
+        if self.previewer is None or self.step % self.train.preview_every:
+            return
+        self.watchdog.enter("eval")
+        t0 = time.perf_counter()
+        self.previewer.render(self.ema, self.step)
+        self.window_start += time.perf_counter() - t0  # not training time
+        self.watchdog.enter("step")
 
 
 def _as_float(value) -> float:

@@ -55,7 +55,12 @@ INSTRUMENTED = Path(__file__).with_name("instrumented_train.py")
 
 
 def run_training(
-    nproc: int, args: list[str], *, instruments: dict | None = None, timeout: float = 300
+    nproc: int,
+    args: list[str],
+    *,
+    instruments: dict | None = None,
+    timeout: float = 300,
+    torchrun_args: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
     """Run `mmdit-train` (with test instruments, see instrumented_train.py) as a real job:
     torchrun with `nproc` gloo ranks, or one plain process when nproc == 1. Its own session,
@@ -73,6 +78,7 @@ def run_training(
             "torch.distributed.run",
             f"--nproc_per_node={nproc}",
             "--standalone",  # the rendezvous on a port the OS picks
+            *torchrun_args,
             str(INSTRUMENTED),
             *args,
         ]

@@ -11,6 +11,10 @@ product code):
   (what Slurm's --signal=USR2@LEAD does before a time limit).
 - MMDIT_TEST_KILL_IN_SAVE_AT=STEP: SIGKILL the whole job while the checkpoint of STEP is being
   written (after the shards, before the manifest).
+- MMDIT_TEST_STOP_IN="SECTION:STEP:RANK": rank RANK sends itself SIGSTOP (what a wedged GPU
+  or a stuck file system looks like to its peers) when it enters watchdog section SECTION
+  (setup, step, checkpoint, eval) at step STEP, after writing the time to RUN/stopped_at.
+- MMDIT_TEST_DIE_IN="SECTION:STEP:RANK": the same, with SIGKILL (a rank that dies).
 - MMDIT_TEST_COUNT_SYNCS=DIR: count the calls that make the host wait for the device
   (Tensor.item/tolist/cpu/numpy/__bool__/__float__/__int__, torch.cuda.synchronize) made
   inside each optimizer step (Trainer.train_step: micro batches, backward, update, EMA), by
@@ -25,6 +29,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -146,6 +151,33 @@ if count_syncs:
             path.write_text(json.dumps(per_step, indent=1, sort_keys=True))
 
     Trainer.train_step = train_step_counting_syncs
+
+for variable, sig in (
+    ("MMDIT_TEST_STOP_IN", signal.SIGSTOP),
+    ("MMDIT_TEST_DIE_IN", signal.SIGKILL),
+):
+    if os.environ.get(variable):
+        from training.watchdog import Watchdog
+
+        where, at_step, at_rank = os.environ[variable].split(":")
+
+        def enter_then_signal(
+            self,
+            section,
+            step=None,
+            *,
+            _enter=Watchdog.enter,
+            _sig=sig,
+            _where=where,
+            _step=int(at_step),
+            _rank=int(at_rank),
+        ):
+            _enter(self, section, step)
+            if (self.rank, section, self._step) == (_rank, _where, _step):
+                (self.run_dir / "stopped_at").write_text(repr(time.time()))
+                os.kill(os.getpid(), _sig)
+
+        Watchdog.enter = enter_then_signal
 
 signal_after = os.environ.get("MMDIT_TEST_SIGNAL_AFTER_STEP")
 if signal_after:

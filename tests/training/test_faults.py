@@ -1,0 +1,176 @@
+"""Faults in a real 2-rank DeepSpeed job under torchrun: a rank stopped with SIGSTOP (what a
+wedged GPU, a stuck file system or a dead NIC looks like to its peers) in a step, in a
+checkpoint save and in validation, and a rank killed outright. Every time the job ends
+within the section's limit plus a bounded grace with the watchdog's status, one line names
+the stuck rank, the record is in RUN/faults.jsonl, and running the same command again
+resumes from the last complete checkpoint and finishes. The requeue of a hung Slurm job is in
+tests/slurm/test_submit_cluster.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+
+import pytest
+
+from tests.training.conftest import read_metrics, run_training, train_overrides
+from training.watchdog import EXIT_HUNG, FAULTS_FILE
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(900)]
+
+STEPS = 6
+LIMIT_S = 10  # every section's limit here; the steps of this model take well under 1 s
+# After the limit: two heartbeat periods to find the stuck rank, the report, torchrun's
+# teardown. Bounded, and far below the process group's own timeout (3600 s).
+GRACE_S = 30
+DEAD_RANK_BOUND_S = 30  # from a rank's death to the end of the job
+
+
+def _args(run_dir, digit_shards, tiny_components, **extra) -> list[str]:
+    settings = {
+        "train.max_steps": STEPS,
+        "train.checkpoint_every": 2,
+        "train.precision": "bf16",
+        "faults.step_timeout_s": LIMIT_S,
+        "faults.checkpoint_timeout_s": LIMIT_S,
+        "faults.eval_timeout_s": LIMIT_S,
+        "faults.heartbeat_s": 1,
+        **extra,
+    }
+    return [
+        "--config",
+        "configs/debug_cpu.yaml",
+        *train_overrides(run_dir, digit_shards, tiny_components, **settings),
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference_losses(tmp_path_factory, digit_shards, tiny_components) -> dict[int, float]:
+    """Per-step losses of the same job without a fault."""
+    run_dir = tmp_path_factory.mktemp("faults_reference") / "run"
+    result = run_training(2, _args(run_dir, digit_shards, tiny_components), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _losses(run_dir)
+
+
+def _losses(run_dir) -> dict[int, float]:
+    return {step: row["loss"] for step, row in read_metrics(run_dir).items() if "loss" in row}
+
+
+def _fault(
+    run_dir, args, variable: str, where: str, *, rerun: bool = True, bound_s=None, **launch
+) -> tuple[dict, str]:
+    """Run the job with rank RANK signalled in SECTION at STEP (`where`) and check how it
+    ended; with `rerun`, run it again and check that it resumes and finishes. The fault record
+    and the stderr of both runs."""
+    result = run_training(2, args, instruments={variable: where}, timeout=600, **launch)
+    ended = time.time()
+    assert result.returncode != 0, result.stderr[-3000:]
+    stopped = float((run_dir / "stopped_at").read_text())
+    bound_s = LIMIT_S + GRACE_S if bound_s is None else bound_s
+    print(f"{where}: the job ended {ended - stopped:.1f} s after the fault (bound {bound_s} s)")
+    assert ended - stopped < bound_s, (ended - stopped, result.stderr[-3000:])
+    # torchrun's summary of the failure: the ranks that reported exited with the hang status.
+    assert f"exitcode  : {EXIT_HUNG}" in result.stderr, result.stderr[-3000:]
+    records = [json.loads(x) for x in (run_dir / FAULTS_FILE).read_text().splitlines()]
+    assert len(records) == 1, records
+    metrics_tail = (run_dir / "metrics.jsonl").read_text().splitlines()[-1]
+    assert json.loads(metrics_tail)["event"] == records[0]["event"]  # the final metrics record
+
+    if not rerun:
+        return records[0], result.stderr
+    again = run_training(2, args, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert max(read_metrics(run_dir)) == STEPS
+    return records[0], result.stderr + "\n--- rerun ---\n" + again.stderr
+
+
+def _resumed_from(stderr: str) -> int:
+    """The step of the checkpoint the rerun resumed from (0: it started over)."""
+    rerun = stderr.split("--- rerun ---")[1]
+    match = re.search(r"resuming from \S*/checkpoints/step_(\d+)", rerun)
+    return int(match.group(1)) if match else 0
+
+
+def test_a_rank_stopped_in_a_step_is_named_and_the_rerun_resumes(
+    tmp_path, digit_shards, tiny_components, reference_losses
+):
+    run_dir = tmp_path / "run"
+    args = _args(run_dir, digit_shards, tiny_components)
+    record, stderr = _fault(run_dir, args, "MMDIT_TEST_STOP_IN", "step:4:1")
+    host = socket.gethostname()
+    assert record["event"] == "hang" and record["section"] == "step" and record["step"] == 4
+    assert record["stuck"] == [{"rank": 1, "host": host}]
+    assert record["reported_by"] == 0 and record["limit_s"] == LIMIT_S
+    # One line from the live rank names the stuck one, its host, section and step.
+    line = next(x for x in stderr.splitlines() if "hang: rank 0" in x)
+    assert f"has been in step at step 4 for {LIMIT_S}." in line
+    assert f"Stuck: rank 1 on {host} (pid" in line and "in step at step 4" in line
+    assert "Exiting with status 4" in line
+    # The stopped rank was ended (SIGKILL) rather than left holding its memory.
+    pid = int(re.search(r"rank 1 on \S+ \(pid (\d+)\)", line).group(1))
+    assert not os.path.exists(f"/proc/{pid}")
+    assert _resumed_from(stderr) == 2  # the step-4 checkpoint was never written
+    assert _losses(run_dir) == reference_losses  # bf16 on the CPU is deterministic
+
+
+def test_a_rank_stopped_while_saving_leaves_the_previous_checkpoint_to_resume_from(
+    tmp_path, digit_shards, tiny_components, reference_losses
+):
+    run_dir = tmp_path / "run"
+    args = _args(run_dir, digit_shards, tiny_components)
+    record, stderr = _fault(run_dir, args, "MMDIT_TEST_STOP_IN", "checkpoint:4:1")
+    assert (record["event"], record["section"], record["step"]) == ("hang", "checkpoint", 4)
+    assert record["stuck"][0]["rank"] == 1
+    assert _resumed_from(stderr) == 2  # the half-written step-4 checkpoint is not used
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert f"step_{STEPS:08d}" in checkpoints
+    assert _losses(run_dir) == reference_losses
+
+
+def test_rank_0_stopped_in_validation_is_reported_by_rank_1(
+    tmp_path, digit_shards, tiny_components
+):
+    run_dir = tmp_path / "run"
+    args = _args(
+        run_dir,
+        digit_shards,
+        tiny_components,
+        **{
+            "eval.val_shards": f"{digit_shards}/{{000006..000007}}.tar",
+            "eval.val_every": 2,
+            "eval.val_samples": 8,
+            "eval.sigma_bins": 2,
+        },
+    )
+    record, stderr = _fault(run_dir, args, "MMDIT_TEST_STOP_IN", "eval:2:0")
+    assert record["event"] == "hang" and record["step"] == 2
+    assert record["stuck"][0]["rank"] == 0 and record["stuck"][0].get("host")
+    assert record["reported_by"] == 1  # the lowest rank still alive writes the records
+    assert "hang: rank 1 on" in stderr
+
+
+def test_a_killed_rank_is_named_as_lost_by_the_survivor(tmp_path, digit_shards, tiny_components):
+    run_dir = tmp_path / "run"
+    args = _args(run_dir, digit_shards, tiny_components)
+    # torchrun ends the survivors itself when a worker dies; a long monitor interval shows what
+    # the trainer does on its own (as under srun, where the survivors carry on).
+    record, stderr = _fault(
+        run_dir,
+        args,
+        "MMDIT_TEST_DIE_IN",
+        "step:3:1",
+        rerun=False,
+        bound_s=DEAD_RANK_BOUND_S,
+        torchrun_args=("--monitor-interval=10",),
+    )
+    assert record["stuck"][0]["rank"] == 1 and record["reported_by"] == 0
+    assert record["step"] == 3
+    # The survivor's next collective fails ("Connection reset by peer" from gloo; or its data
+    # worker gets torchrun's SIGTERM first, whichever comes first); the watchdog then finds
+    # the rank whose heartbeat stopped.
+    assert record["event"] == "peer_lost" and record["error"], record["error"]
+    assert "peer lost: a collective failed on rank 0" in stderr and "Silent: rank 1 on" in stderr
