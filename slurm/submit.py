@@ -212,6 +212,11 @@ def render_sbatch(
             shlex.quote(o) for o in (argv[2:] if args.job == "train" else args.overrides)
         ),
         "MAX_REQUEUES": str(request.launch.max_requeues),
+        # For the requeue after a hang: RUN/faults.jsonl names the hosts (log_dir is RUN/slurm).
+        "REQUEUE_FLAGS": " ".join(
+            ["--run-dir", shlex.quote(str(log_dir.parent))]
+            + (["--exclude-bad-nodes"] if request.launch.exclude_bad_nodes else [])
+        ),
         "SIGNAL_LEAD": str(request.launch.signal_lead_s),
         "OUT": shlex.quote(str(Path(args.out).resolve())) if args.out else "",
         "ARGV": " ".join(shlex.quote(a) for a in argv),
@@ -264,7 +269,7 @@ def submit(args, request: Request, argv: list[str], log_dir: Path):
         params["exclusive"] = True
     executor.update_parameters(**params)
     task = (
-        TrainTask(tuple(argv), la.max_requeues)
+        TrainTask(tuple(argv), la.max_requeues, la.exclude_bad_nodes)
         if args.job == "train"
         else ResumableTask(args.job, tuple(argv))
     )

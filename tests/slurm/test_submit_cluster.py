@@ -1,12 +1,14 @@
 """mmdit-submit against the real local Slurm cluster: checks before submission, a 2-task
-DeepSpeed job, and preemption (USR2 -> checkpoint on all ranks -> requeue -> resume on the
-same loss curve)."""
+DeepSpeed job, preemption (USR2 -> checkpoint on all ranks -> requeue -> resume on the
+same loss curve) and a hung rank (SIGSTOP -> the watchdog names it -> requeue -> resume)."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -237,3 +239,62 @@ def test_eval_job_splits_the_val_loss_over_two_tasks_and_matches_one_process(
     ]) == 0  # fmt: skip
     one = json.loads((local / "table.json").read_text())[0]
     assert one["val_loss"] == pytest.approx(rows[2]["val_loss"], rel=1e-6)
+
+
+def test_a_stopped_rank_requeues_the_job_which_resumes_on_the_same_curve(
+    uninterrupted, tmp_path, digit_shards, tiny_components, capsys
+):
+    """SIGSTOP one task of a running job (what a wedged GPU looks like): the other rank's
+    watchdog names it, the job requeues itself, and the next run resumes from the step-60
+    checkpoint and finishes on the reference curve."""
+    reference, _ = uninterrupted
+    run_dir = tmp_path / "run"
+    faults = {"faults.step_timeout_s": 20, "faults.heartbeat_s": 1}
+    assert main(_submit_args(run_dir, digit_shards, tiny_components, **faults)) == 0
+    job = _job_id(capsys.readouterr().out)
+    beat_file = run_dir / "heartbeats" / "rank_00001.json"
+    deadline = time.monotonic() + 900
+    while True:  # past the step-60 checkpoint
+        beat = json.loads(beat_file.read_text()) if beat_file.exists() else {"step": 0}
+        if beat["step"] > 62:
+            break
+        assert time.monotonic() < deadline, _logs(run_dir)[-3000:]
+        assert not is_final(current_state(job).state), _logs(run_dir)[-3000:]
+        time.sleep(0.2)
+    os.kill(beat["pid"], signal.SIGSTOP)
+    state = _wait_done(job)
+    logs = _logs(run_dir)
+    assert state == "COMPLETED", (state, logs[-3000:])
+    assert f"Stuck: rank 1 on {beat['host']} (pid {beat['pid']})" in logs
+    assert "training hung in step at step" in logs
+    assert "requeueing (requeue 1 of at most 20)" in logs
+    assert "checkpoints/step_00000060" in logs.split("requeueing")[1]  # resumed there
+    (record,) = [json.loads(x) for x in (run_dir / "faults.jsonl").read_text().splitlines()]
+    assert record["job"]["SLURM_JOB_ID"] == job and record["stuck"][0]["rank"] == 1
+    assert _losses(run_dir) == _losses(reference)
+
+
+def test_bad_nodes_are_added_to_a_pending_jobs_excluded_nodes(slurm_cluster, tmp_path):
+    from slurm.requeue import exclude
+
+    job = subprocess.run(
+        ["sbatch", "--parsable", "--hold", "-o", str(tmp_path / "out"), "--wrap", "true"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    try:
+
+        def excluded() -> str:
+            shown = subprocess.run(
+                ["scontrol", "show", "job", "-o", job], capture_output=True, text=True
+            ).stdout
+            return next(f for f in shown.split() if f.startswith("ExcNodeList="))
+
+        assert excluded() == "ExcNodeList=(null)"
+        exclude(job, ["localhost"])
+        assert excluded() == "ExcNodeList=localhost"
+        exclude(job, ["localhost"])  # merged with what is there, not repeated
+        assert excluded() == "ExcNodeList=localhost"
+    finally:
+        subprocess.run(["scancel", job])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def test_multi_node_sbatch_has_the_request_signal_and_srun_line(capsys):
         "--nodes", "4", "--gpus-per-node", "8", "--partition", "h100", "--account", "proj",
         "--qos", "high", "--time", "2-00:00:00", "--constraint", "ib", "--mem", "480G",
         "--cpus-per-task", "12", "--signal-lead", "300", "--max-requeues", "7",
-        "train.lr=2e-4",
+        "train.lr=2e-4", "launch.exclude_bad_nodes=true", "train.run_dir=/runs/d24",
     )  # fmt: skip
     lines = script.splitlines()
     for expected in (
@@ -55,7 +56,8 @@ def test_multi_node_sbatch_has_the_request_signal_and_srun_line(capsys):
     assert "--kill-on-bad-exit=1" in srun and "%j_%t.err" in srun
     assert "-m training.train --config" in command and D24 in command
     assert "train.lr=2e-4" in command
-    assert "--max-requeues 7" in script and "slurm.requeue" in script
+    requeue_line = next(line for line in lines if "-m slurm.requeue" in line)
+    assert "--max-requeues 7 --run-dir /runs/d24 --exclude-bad-nodes" in requeue_line
     assert script.index("#SBATCH --nodes") < script.index("srun ")
 
 
@@ -113,7 +115,41 @@ def test_time_parsing():
 
 
 def test_requeue_and_trainer_agree_on_the_preempted_status():
+    from training import watchdog
+
     assert requeue.EXIT_PREEMPTED == trainer.EXIT_PREEMPTED
+    assert requeue.EXIT_HUNG == watchdog.EXIT_HUNG
+    assert requeue.FAULTS_FILE == watchdog.FAULTS_FILE
+
+
+def test_requeue_after_a_hang_reads_this_jobs_fault_record(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    records = [
+        {"job": {"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "1"}, "event": "hang"},
+        {
+            "job": {"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "2"},
+            "event": "hang",
+            "section": "checkpoint",
+            "step": 7,
+            "stuck": [{"rank": 3, "host": "gpu-017"}],
+        },
+        {"job": {"SLURM_JOB_ID": "41"}, "event": "peer_lost"},
+    ]
+    (tmp_path / "faults.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    record = requeue.last_fault(tmp_path)
+    assert record == records[1]  # this run of job 42, not the one before it or another job
+    reason = requeue.fault_reason(record)
+    assert reason == "training hung in checkpoint at step 7 (rank 3 on gpu-017)"
+    assert "no record" in requeue.fault_reason(requeue.last_fault(tmp_path / "elsewhere"))
+    # Past the limit the batch script says why and fails the job instead of requeueing.
+    args = ["--max-requeues", "2", "--run-dir", str(tmp_path), "--exclude-bad-nodes"]
+    assert requeue.main(["--exit-code", "4", *args]) == 1
+    err = capsys.readouterr().err
+    assert "job 42: training hung in checkpoint at step 7 (rank 3 on gpu-017), but it has " in err
+    assert "requeued 2 times (launch.max_requeues=2)" in err
+    assert requeue.main(["--exit-code", "137", *args]) == 1
+    assert "a rank was killed (srun exit status 137)" in capsys.readouterr().err
 
 
 def test_requeue_limit_stops_with_the_reason(monkeypatch):
@@ -123,7 +159,8 @@ def test_requeue_limit_stops_with_the_reason(monkeypatch):
         requeue.requeue_or_stop(3, is_main=True)
     assert requeue.main(["--exit-code", "3", "--max-requeues", "3"]) == 1
     assert requeue.main(["--exit-code", "0", "--max-requeues", "3"]) == 0
-    assert requeue.main(["--exit-code", "5", "--max-requeues", "3"]) == 5
+    assert requeue.main(["--exit-code", "5", "--max-requeues", "3"]) == 5  # a bug: no requeue
+    assert requeue.main(["--exit-code", "1", "--max-requeues", "3"]) == 1
 
 
 def test_eval_script_runs_mmdit_eval_on_the_run_directory(capsys, tmp_path):
