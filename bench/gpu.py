@@ -1064,7 +1064,6 @@ def launch_trainer(run: Run, work: Path, overrides: list[str], timeout: float) -
                 os.killpg(child.pid, signal.SIGKILL)  # the child's own session: it and its workers
                 child.wait()
         _relay(run, log_path, seen_lines)
-    _remove_shm_buffers(port)
     tail = log_path.read_text(errors="replace").splitlines()[-40:]
     memory = json.loads(memory_out.read_text()) if memory_out.exists() else {}
     return {
@@ -1077,14 +1076,6 @@ def launch_trainer(run: Run, work: Path, overrides: list[str], timeout: float) -
         "memory": memory,
         "log_tail": tail if child.returncode != 0 else [],
     }
-
-
-def _remove_shm_buffers(port: int) -> None:
-    """DeepSpeed's CPU accelerator creates a 69 MB shared-memory allreduce buffer per rank,
-    named after the rendezvous, and never unlinks it: every CPU run would leave one in
-    /dev/shm (RAM). Ours are named by the port this run picked."""
-    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"):
-        leftover.unlink(missing_ok=True)
 
 
 _RELAY = re.compile(r"\[rank 0\]|Error|error:|Traceback|Killed")

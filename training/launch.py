@@ -36,7 +36,29 @@ def init(dist_env: DistEnv, timeout_s: float = 3600) -> torch.device:
             auto_mpi_discovery=False,
             timeout=timedelta(seconds=timeout_s),
         )
+        if device.type == "cpu":
+            release_shm_buffer(dist_env.rank)
     return device
+
+
+def release_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU accelerator gives each rank of a one-node job a 69 MB shared-memory
+    allreduce buffer (/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>) and never
+    unlinks it, so every CPU job, finished or killed, left RAM behind: a test session filled
+    /dev/shm with 18 GB and got processes OOM-killed. Every rank maps every peer's buffer while
+    the process group starts; after a barrier the names can go. The mappings stay valid, and
+    the memory returns when the processes exit, however they exit."""
+    torch.distributed.barrier()
+    name = "_".join(
+        [
+            "deepspeed_allreduce_buffer",
+            str(os.getuid()),
+            os.environ.get("MASTER_ADDR", ""),
+            os.environ.get("MASTER_PORT", ""),
+            str(rank),
+        ]
+    )
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def use_environment_extensions() -> Path:
