@@ -28,6 +28,7 @@ import logging
 import random
 import signal
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -198,6 +199,7 @@ class Trainer:
             self.world,
             limits,
             heartbeat_s=f.heartbeat_s,
+            incarnation=distributed.broadcast_object(uuid.uuid4().hex),  # rank 0's token
             on_fault=self.on_fault,
         ).start()
 

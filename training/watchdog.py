@@ -75,6 +75,7 @@ class Beat:
     step: int
     seq: int
     in_section_s: float
+    incarnation: str = ""  # which start of the job wrote it (see Watchdog)
 
     @classmethod
     def read(cls, path: Path) -> Beat | None:
@@ -155,17 +156,23 @@ class Watchdog:
         limits: Limits,
         *,
         heartbeat_s: float = 5.0,
+        incarnation: str = "",
         on_fault: Callable[[HangReport], None] | None = None,
         exit_process: Callable[[int], None] = os._exit,
         clock: Callable[[], float] = time.monotonic,
     ):
-        """`on_fault(report)` runs on the reporting rank (the lowest live one) after the
+        """`incarnation`: a token the ranks of this start of the job share (the trainer
+        broadcasts one from rank 0). Heartbeats left by an earlier start (a resume, a restart)
+        count as none: their pids may now belong to other processes, never to be killed.
+
+        `on_fault(report)` runs on the reporting rank (the lowest live one) after the
         records are written and before the exit: what the launcher should do next (on Slurm,
         requeue the job; slurm.requeue)."""
         self.run_dir = Path(run_dir)
         self.rank, self.world = rank, world
         self.limits = limits
         self.heartbeat_s = heartbeat_s
+        self.incarnation = incarnation
         self._on_fault = on_fault
         self._exit = exit_process
         self._clock = clock
@@ -236,6 +243,7 @@ class Watchdog:
             step=self._step,
             seq=self._seq,
             in_section_s=round(self._clock() - self._since, 1),
+            incarnation=self.incarnation,
         )
         path = self.beats / f"rank_{self.rank:05d}.json"
         tmp = path.with_name(f".{path.name}.tmp")
@@ -249,7 +257,7 @@ class Watchdog:
         beats = {}
         for rank in range(self.world):
             beat = Beat.read(self.beats / f"rank_{rank:05d}.json")
-            if beat is not None:
+            if beat is not None and beat.incarnation == self.incarnation:
                 beats[rank] = beat
         return beats
 

@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,7 @@ LIMIT_S = 10  # every section's limit here; the steps of this model take well un
 # teardown. Bounded, and far below the process group's own timeout (3600 s).
 GRACE_S = 30
 DEAD_RANK_BOUND_S = 30  # from a rank's death to the end of the job
+SHM, SHM_BUFFERS = Path("/dev/shm"), "deepspeed_allreduce_buffer_*"  # training.launch
 
 
 def _args(run_dir, digit_shards, tiny_components, **extra) -> list[str]:
@@ -66,9 +68,13 @@ def _fault(
     """Run the job with rank RANK signalled in SECTION at STEP (`where`) and check how it
     ended; with `rerun`, run it again and check that it resumes and finishes. The fault record
     and the stderr of both runs."""
+    started = time.time()
     result = run_training(2, args, instruments={variable: where}, timeout=600, **launch)
     ended = time.time()
     assert result.returncode != 0, result.stderr[-3000:]
+    # No rank, stopped, killed or exiting, left DeepSpeed's 69 MB shared-memory buffer in RAM.
+    left = [p.name for p in SHM.glob(SHM_BUFFERS) if p.stat().st_mtime >= started - 1]
+    assert left == [], left
     stopped = float((run_dir / "stopped_at").read_text())
     bound_s = LIMIT_S + GRACE_S if bound_s is None else bound_s
     print(f"{where}: the job ended {ended - stopped:.1f} s after the fault (bound {bound_s} s)")

@@ -134,3 +134,34 @@ def test_a_stopped_rank_on_this_host_is_killed(tmp_path):
     finally:
         if victim.poll() is None:
             victim.kill()
+
+
+def test_a_heartbeat_left_by_an_earlier_start_is_not_taken_for_a_rank(tmp_path, capsys):
+    """After a restart, rank 1's old heartbeat names a pid that may now be another process:
+    it counts as no heartbeat, and that process is left alone."""
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        beats = tmp_path / "heartbeats"
+        beats.mkdir()
+        host = Watchdog(tmp_path, 0, 1, LIMITS).host
+        old = Beat(
+            rank=1,
+            host=host,
+            pid=bystander.pid,
+            section="step",
+            step=2,
+            seq=1,
+            in_section_s=0,
+            incarnation="earlier",
+        )
+        (beats / "rank_00001.json").write_text(json.dumps(old.__dict__))
+        wd, codes, done = _watchdog(tmp_path, rank=0, world=2, incarnation="now")
+        wd.enter("step", 2)
+        wd._steps.append(0.1)
+        wd.start()
+        assert done.wait(15) and codes == [EXIT_HUNG]
+        assert "Stuck: rank 1 (never sent a heartbeat)" in capsys.readouterr().err
+        time.sleep(0.5)
+        assert bystander.poll() is None  # not killed
+    finally:
+        bystander.kill()
