@@ -1,6 +1,6 @@
 """mmdit-submit against the real local Slurm cluster: checks before submission, a 2-task
 DeepSpeed job, preemption (USR2 -> checkpoint on all ranks -> requeue -> resume on the
-same loss curve) and a hung rank (SIGSTOP -> the watchdog names it -> requeue -> resume)."""
+same loss curve) and a hung or killed rank (the watchdog names it -> requeue -> resume)."""
 
 from __future__ import annotations
 
@@ -241,12 +241,20 @@ def test_eval_job_splits_the_val_loss_over_two_tasks_and_matches_one_process(
     assert one["val_loss"] == pytest.approx(rows[2]["val_loss"], rel=1e-6)
 
 
-def test_a_stopped_rank_requeues_the_job_which_resumes_on_the_same_curve(
-    uninterrupted, tmp_path, digit_shards, tiny_components, capsys
+@pytest.mark.parametrize(
+    ("fault", "event", "named"),
+    [
+        (signal.SIGSTOP, "training hung in step at step", "Stuck: rank 1 on"),
+        (signal.SIGKILL, "training lost a peer in step at step", "Silent: rank 1 on"),
+    ],
+    ids=["stopped", "killed"],
+)
+def test_a_stopped_or_killed_rank_requeues_the_job_which_resumes_on_the_same_curve(
+    uninterrupted, tmp_path, digit_shards, tiny_components, capsys, fault, event, named
 ):
-    """SIGSTOP one task of a running job (what a wedged GPU looks like): the other rank's
-    watchdog names it, the job requeues itself, and the next run resumes from the step-60
-    checkpoint and finishes on the reference curve."""
+    """SIGSTOP (what a wedged GPU looks like) or SIGKILL one task of a running job: the other
+    rank's watchdog names it, the job requeues itself, and the next run resumes from the
+    step-60 checkpoint and finishes on the reference curve."""
     reference, _ = uninterrupted
     run_dir = tmp_path / "run"
     faults = {"faults.step_timeout_s": 20, "faults.heartbeat_s": 1}
@@ -261,12 +269,12 @@ def test_a_stopped_rank_requeues_the_job_which_resumes_on_the_same_curve(
         assert time.monotonic() < deadline, _logs(run_dir)[-3000:]
         assert not is_final(current_state(job).state), _logs(run_dir)[-3000:]
         time.sleep(0.2)
-    os.kill(beat["pid"], signal.SIGSTOP)
+    os.kill(beat["pid"], fault)
     state = _wait_done(job)
     logs = _logs(run_dir)
     assert state == "COMPLETED", (state, logs[-3000:])
-    assert f"Stuck: rank 1 on {beat['host']} (pid {beat['pid']})" in logs
-    assert "training hung in step at step" in logs
+    assert f"{named} {beat['host']} (pid {beat['pid']})" in logs
+    assert event in logs
     assert "requeueing (requeue 1 of at most 20)" in logs
     assert "checkpoints/step_00000060" in logs.split("requeueing")[1]  # resumed there
     (record,) = [json.loads(x) for x in (run_dir / "faults.jsonl").read_text().splitlines()]
