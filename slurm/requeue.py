@@ -45,14 +45,8 @@ def job_id() -> str:
 def requeue(reason: str, max_requeues: int, *, exclude_nodes: list[str] | tuple = ()) -> None:
     """Ask Slurm to requeue this job, logging why; past the limit raise instead, so the job
     ends FAILED with the reason in its log."""
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    restarts = check_requeue_limit(reason, max_requeues)
     jid = job_id()
-    if restarts >= max_requeues:
-        raise RuntimeError(
-            f"job {jid}: {reason}, but it has been requeued {restarts} times "
-            f"(launch.max_requeues={max_requeues}); not requeueing. The run resumes from its "
-            "last checkpoint when submitted again"
-        )
     print(
         f"job {jid}: {reason}; requeueing (requeue {restarts + 1} of at most {max_requeues})",
         file=sys.stderr,
@@ -61,6 +55,18 @@ def requeue(reason: str, max_requeues: int, *, exclude_nodes: list[str] | tuple 
     subprocess.run(["scontrol", "requeue", jid], check=True, timeout=60)
     if exclude_nodes:
         exclude(jid, exclude_nodes)
+
+
+def check_requeue_limit(reason: str, max_requeues: int) -> int:
+    """The requeues so far; past the limit raise, so the job ends FAILED with the reason."""
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    if restarts >= max_requeues:
+        raise RuntimeError(
+            f"job {job_id()}: {reason}, but it has been requeued {restarts} times "
+            f"(launch.max_requeues={max_requeues}); not requeueing. The run resumes from its "
+            "last checkpoint when submitted again"
+        )
+    return restarts
 
 
 def exclude(jid: str, nodes: list[str] | tuple) -> None:
@@ -90,8 +96,8 @@ def requeue_or_stop(max_requeues: int, *, is_main: bool, wait_s: float = 300.0) 
     reason = "checkpoint written after a Slurm signal"
     if is_main:
         requeue(reason, max_requeues)
-    elif int(os.environ.get("SLURM_RESTART_COUNT", "0")) >= max_requeues:
-        raise RuntimeError(f"job {job_id()}: {reason}; past launch.max_requeues, not requeued")
+    else:
+        check_requeue_limit(reason, max_requeues)
     time.sleep(wait_s)  # Slurm ends this task as part of the requeue
     os._exit(EXIT_PREEMPTED)
 
