@@ -588,21 +588,21 @@ class Trainer:
         """The EMA's validation loss when due ({} on ranks other than 0), else None."""
         if self.validator is None or not self.validator.due(self.step):
             return None
-        self.watchdog.enter("eval")
-        t0 = time.perf_counter()
-        val = self.validator.run(self.ema) or {}
-        self.window_start += time.perf_counter() - t0  # not training time
-        self.watchdog.enter("step")  # the log-step collectives that follow
-        return val
+        return self._off_the_clock(lambda: self.validator.run(self.ema) or {})
 
     def _preview(self) -> None:
-        if self.previewer is None or self.step % self.train.preview_every:
-            return
+        if self.previewer is not None and self.step % self.train.preview_every == 0:
+            self._off_the_clock(lambda: self.previewer.render(self.ema, self.step))
+
+    def _off_the_clock(self, work):
+        """Validation and previews: under the watchdog's eval limit, and not training time
+        in the throughput window; the log-step collectives that follow are the step's."""
         self.watchdog.enter("eval")
         t0 = time.perf_counter()
-        self.previewer.render(self.ema, self.step)
-        self.window_start += time.perf_counter() - t0  # not training time
+        result = work()
+        self.window_start += time.perf_counter() - t0
         self.watchdog.enter("step")
+        return result
 
 
 def _as_float(value) -> float:
