@@ -113,8 +113,14 @@ def test_a_rank_stopped_in_a_step_is_named_and_the_rerun_resumes(
     assert record["reported_by"] == 0 and record["limit_s"] == LIMIT_S
     # One line from the live rank names the stuck one, its host, section and step.
     line = next(x for x in stderr.splitlines() if "hang: rank 0" in x)
-    assert f"has been in step at step 4 for {LIMIT_S}." in line
-    assert f"Stuck: rank 1 on {host} (pid" in line and "in step at step 4" in line
+    # The watchdog looks once per heartbeat period, so it finds the hang within one period of
+    # the limit; how far past it depends on the machine's load, not on a fixed number.
+    waited = float(re.search(r"has been in step at step 4 for ([\d.]+) s", line).group(1))
+    assert LIMIT_S <= waited < LIMIT_S + GRACE_S, line
+    # The stuck rank is named by its last heartbeat: from step 4, or from step 3 when it was
+    # stopped (as here, on entering the step) before its next beat was due.
+    stuck = rf"Stuck: rank 1 on {re.escape(host)} \(pid \d+\) in step at step [34],"
+    assert re.search(stuck, line), line
     assert "Exiting with status 4" in line
     # The stopped rank was ended (SIGKILL) rather than left holding its memory.
     pid = int(re.search(r"rank 1 on \S+ \(pid (\d+)\)", line).group(1))
