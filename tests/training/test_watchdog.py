@@ -49,16 +49,18 @@ def test_a_step_over_its_limit_reports_and_exits_with_the_hang_status(tmp_path, 
 
 
 def test_sections_within_their_limits_never_fire(tmp_path):
-    wd, codes, _ = _watchdog(tmp_path)
+    # Steps 15x shorter than their limit, so a loaded machine's scheduling delays stay inside.
+    limits = Limits(setup=30.0, step=1.5, checkpoint=30.0, eval=30.0)
+    wd, codes, _ = _watchdog(tmp_path, limits=limits)
     wd.start()
     for step in range(8):  # quick steps, a checkpoint and an eval longer than a step's limit
         wd.enter("step", step)
         time.sleep(0.1)
         if step == 4:
             wd.enter("checkpoint")
-            time.sleep(1.0)
+            time.sleep(2.0)
             wd.enter("eval")
-            time.sleep(1.0)
+            time.sleep(2.0)
     wd.stop()
     assert codes == []
     beat = Beat.read(tmp_path / "heartbeats" / "rank_00000.json")
