@@ -186,6 +186,17 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_rows(values: list[float]) -> list[list[float]]:
+    """Every rank's `values` (same length everywhere), on every rank, as (world, n) lists."""
+    row = torch.tensor(values, dtype=torch.float64)
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [row.tolist()]
+    row = row.to(_comm_device())
+    rows = [torch.empty_like(row) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(rows, row)
+    return torch.stack(rows).cpu().tolist()
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()

@@ -163,6 +163,10 @@ class FaultConfig:
     # The process group's own timeout, a last resort behind the limits above (which report
     # the stuck rank); NCCL's async error handling is on, so a timed-out collective aborts.
     collective_timeout_s: float = 3600.0
+    # Straggler report (training.stragglers): warn when one rank's block compute or data wait
+    # is more than straggler_factor x the median for straggler_windows log windows in a row.
+    straggler_factor: float = 1.3  # 0 = no warnings (the metrics are still logged)
+    straggler_windows: int = 3
 
     def __post_init__(self):
         limits = (
@@ -176,6 +180,13 @@ class FaultConfig:
             raise ValueError("fault timeouts and step_timeout_factor must be >= 0 (0 = no limit)")
         if self.heartbeat_s <= 0 or self.collective_timeout_s <= 0:
             raise ValueError("heartbeat_s and collective_timeout_s must be > 0")
+        if self.straggler_factor != 0 and self.straggler_factor <= 1:
+            raise ValueError(
+                f"faults.straggler_factor={self.straggler_factor}: must be > 1 (how many times "
+                "the median a slow rank takes) or 0 to switch the warning off"
+            )
+        if self.straggler_windows < 1:
+            raise ValueError("faults.straggler_windows must be >= 1")
 
 
 @dataclass(frozen=True)

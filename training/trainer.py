@@ -27,6 +27,7 @@ import json
 import logging
 import random
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -53,6 +54,7 @@ from training.metrics_log import MetricsLogger
 from training.model_inputs import ModelInputs
 from training.optim import build_optimizer, lr_at, repair_after_load
 from training.regional_compile import compile_blocks, compile_count
+from training.stragglers import BlockTimer, StragglerReport
 from training.watchdog import HangReport, Limits, Watchdog
 
 log = logging.getLogger("mmdit.train")
@@ -226,6 +228,15 @@ class Trainer:
         self.ema = ShardedEMA(
             self.engine.module.named_parameters(), t.ema_decay, self.rank, self.world
         )
+        # After deepspeed.initialize: the timer's hooks must run after ZeRO-3's gather hooks.
+        self.block_timer = BlockTimer(self.engine.module.blocks, self.device)
+        f = self.config.faults
+        self.stragglers = StragglerReport(
+            distributed.gather_objects(socket.gethostname()),
+            f.straggler_factor,
+            f.straggler_windows,
+            warn=self.rank == 0,
+        )
 
     def _build_model(self) -> MMDiT:
         """The same initial weights on every rank and for every ZeRO stage and precision:
@@ -344,6 +355,7 @@ class Trainer:
         self.window_tokens = 0
         self.window_data_wait = 0.0
         self.window_skipped = 0
+        self.block_timer.read_and_reset()
 
     def _next_batch(self, batches) -> dict:
         t0 = time.perf_counter()
@@ -446,6 +458,12 @@ class Trainer:
         names = ["good", *REASONS]
         bad_total = distributed.all_reduce_sum(torch.tensor([bad[n] for n in names])).tolist()
         wall = time.perf_counter() - self.window_start
+        per_rank = distributed.all_gather_rows(
+            [self.block_timer.read_and_reset(), self.window_data_wait]
+        )
+        stragglers = self.stragglers.window(
+            [r[0] for r in per_rank], [r[1] for r in per_rank], wall
+        )
         sums, counts = bins[0], bins[1]
         n = counts.sum().item()
         samples = self.window_steps * self.global_batch
@@ -464,6 +482,7 @@ class Trainer:
             "skipped_steps": self.skipped_total,
             "skipped_in_window": self.window_skipped,
             "bad_samples": dict(zip(names, (int(v) for v in bad_total), strict=True)),
+            "stragglers": stragglers,
         }
         peak = self.train.peak_flops or (
             peak_bf16_flops(torch.cuda.get_device_name()) if self.device.type == "cuda" else None

@@ -15,6 +15,9 @@ product code):
   or a stuck file system looks like to its peers) when it enters watchdog section SECTION
   (setup, step, checkpoint, eval) at step STEP, after writing the time to RUN/stopped_at.
 - MMDIT_TEST_DIE_IN="SECTION:STEP:RANK": the same, with SIGKILL (a rank that dies).
+- MMDIT_TEST_SLOW="compute:RANK:SECONDS,data:RANK:SECONDS": rank RANK sleeps SECONDS in every
+  transformer block's forward (a slow device) or before every batch it takes from its loader
+  (a slow file system); either part may be left out.
 - MMDIT_TEST_COUNT_SYNCS=DIR: count the calls that make the host wait for the device
   (Tensor.item/tolist/cpu/numpy/__bool__/__float__/__int__, torch.cuda.synchronize) made
   inside each optimizer step (Trainer.train_step: micro batches, backward, update, EMA), by
@@ -178,6 +181,36 @@ for variable, sig in (
                 os.kill(os.getpid(), _sig)
 
         Watchdog.enter = enter_then_signal
+
+slow = os.environ.get("MMDIT_TEST_SLOW")
+if slow:
+    from mmdit.model import JointBlock
+
+    for part in slow.split(","):
+        what, slow_rank, seconds = part.split(":")
+        if int(slow_rank) != int(os.environ.get("RANK", "0")):
+            continue
+        if what == "compute":
+
+            def slow_forward(self, *args, _forward=JointBlock.forward, _s=float(seconds), **kw):
+                time.sleep(_s)
+                return _forward(self, *args, **kw)
+
+            JointBlock.forward = slow_forward
+        else:
+
+            class SlowBatches:
+                def __init__(self, batches, seconds):
+                    self.batches, self.seconds = batches, seconds
+
+                def __next__(self):
+                    time.sleep(self.seconds)
+                    return next(self.batches)
+
+            def slow_next_batch(self, batches, _next=Trainer._next_batch, _s=float(seconds)):
+                return _next(self, SlowBatches(batches, _s))
+
+            Trainer._next_batch = slow_next_batch
 
 signal_after = os.environ.get("MMDIT_TEST_SIGNAL_AFTER_STEP")
 if signal_after:
