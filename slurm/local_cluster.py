@@ -1,4 +1,4 @@
-"""A real single-node Slurm cluster on the local machine, for tests and demos.
+"""A real Slurm cluster on the local machine (one node, or two), for tests and demos.
 
 Debian's ``slurm-wlm``, ``munge``, ``slurmdbd`` and ``mariadb-server`` (``make slurm-deps``)
 are started directly -- no systemd -- with every file under one root directory::
@@ -13,7 +13,10 @@ started them) on free TCP ports on 127.0.0.1, so two clusters, or a stale one, n
 Each cluster also numbers its jobs from its own block of ids (``FirstJobId``), because a job's
 rendezvous port derives from its id: two clusters counting from 1 would give their jobs the
 same ports.
-One node, ``localhost``, exposes ``cpus`` CPUs (as many tasks) in one partition. Accounting
+One node, ``localhost``, exposes ``cpus`` CPUs (as many tasks) in one partition. With
+``nodes=2`` two slurmd (Slurm runs several on one host when each node has its own port) are
+nodes ``127.0.0.1`` and ``127.0.0.2``: a job's first node name becomes its MASTER_ADDR, as on
+a cluster, so each name must reach this machine, and all of 127.0.0.0/8 does. Accounting
 (slurmdbd + MariaDB) is on, because submitit follows job state with ``sacct``.
 
     with LocalSlurmCluster(Path("/tmp/slurm")) as cluster:
@@ -43,7 +46,8 @@ from pathlib import Path
 
 __all__ = ["LocalSlurmCluster", "SlurmClusterError", "missing_binaries", "main"]
 
-# Start order; stop goes in reverse.
+# Start order; stop goes in reverse. A 2-node cluster has one slurmd per node instead of
+# "slurmd" (LocalSlurmCluster.daemons).
 DAEMONS = ("munged", "mariadb", "slurmdbd", "slurmctld", "slurmd")
 # Each daemon's /proc/PID/comm, so that a recycled pid in a stale pid file is not taken for it.
 _COMM = {"mariadb": "mariadbd"}
@@ -78,6 +82,11 @@ _JOB_ID_BLOCKS = range(1, 127)
 
 class SlurmClusterError(RuntimeError):
     """The local cluster could not be started, or another one already runs under the root."""
+
+
+def _slurmd(node: str) -> str:
+    """The daemon name (pid and log files) of the slurmd of `node` in a multi-node cluster."""
+    return f"slurmd-{node}"
 
 
 def _which(name: str) -> str | None:
@@ -167,7 +176,18 @@ class LocalSlurmCluster:
         cluster_name: str = "mmdit-local",
         partition: str = "debug",
         start_timeout: float = 60.0,
+        nodes: int = 1,
     ) -> None:
+        if nodes not in (1, 2):
+            raise SlurmClusterError(
+                f"nodes={nodes}: the local cluster has 1 node (localhost) or 2 (127.0.0.1 and "
+                "127.0.0.2)"
+            )
+        # A second node needs a second name that resolves here, as a job's first node name
+        # becomes its MASTER_ADDR: the nodes of a 2-node cluster are named by their own
+        # loopback addresses (all of 127.0.0.0/8 reaches this machine).
+        self.node_names = ["localhost"] if nodes == 1 else ["127.0.0.1", "127.0.0.2"]
+        self.daemons = DAEMONS if nodes == 1 else (*DAEMONS[:-1], *map(_slurmd, self.node_names))
         self.root = Path(root).absolute()
         self.cpus = int(cpus)
         self.cluster_name = cluster_name.lower()  # Slurm lower-cases cluster names
@@ -227,7 +247,7 @@ class LocalSlurmCluster:
     def pids(self) -> dict[str, int]:
         """The recorded pid of each daemon that has a pid file."""
         out = {}
-        for daemon in DAEMONS:
+        for daemon in self.daemons:
             with contextlib.suppress(OSError, ValueError, IndexError):
                 out[daemon] = int(self.pid_file(daemon).read_text().split()[0])
         return out
@@ -245,12 +265,13 @@ class LocalSlurmCluster:
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
         except OSError:
             return True
-        return comm == _COMM.get(daemon, daemon)
+        program = "slurmd" if daemon.startswith("slurmd-") else daemon
+        return comm == _COMM.get(program, program)
 
     def is_running(self) -> bool:
         """True if every daemon of this cluster is alive."""
         alive = self.alive_pids()
-        return all(d in alive for d in DAEMONS)
+        return all(d in alive for d in self.daemons)
 
     # ----- start -----------------------------------------------------------------------------
 
@@ -272,7 +293,7 @@ class LocalSlurmCluster:
             )
         if len(str(self.munge_socket)) > _UNIX_SOCKET_MAX:
             raise SlurmClusterError(f"root path too long for a unix socket: {self.root}")
-        for d in DAEMONS:
+        for d in self.daemons:
             self.pid_file(d).unlink(missing_ok=True)
         t0 = time.monotonic()
         try:
@@ -282,7 +303,8 @@ class LocalSlurmCluster:
             self._spawn("slurmdbd", ["slurmdbd", "-D"])
             self._register_cluster()
             self._spawn("slurmctld", ["slurmctld", "-D", "-i"])
-            self._spawn("slurmd", ["slurmd", "-D", "-N", "localhost"])
+            for daemon, node in zip(self.slurmds, self.node_names, strict=True):
+                self._spawn(daemon, ["slurmd", "-D", "-N", node])
             self._wait_idle()
         except BaseException:
             self.stop()
@@ -290,13 +312,17 @@ class LocalSlurmCluster:
         self.start_seconds = time.monotonic() - t0
         return self
 
+    @property
+    def slurmds(self) -> tuple[str, ...]:
+        return self.daemons[len(DAEMONS) - 1 :]
+
     def _write_config(self) -> None:
         for d in (self.etc, self.run_dir, self.log_dir, self.state_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)
         (self.run_dir / "munge").mkdir(exist_ok=True)
         (self.run_dir / "munge").chmod(0o711)
-        for sub in ("slurmctld", "slurmd"):
+        for sub in ("slurmctld", *self.slurmds):
             (self.state_dir / sub).mkdir(exist_ok=True)
 
         key = self.etc / "munge.key"
@@ -304,17 +330,25 @@ class LocalSlurmCluster:
             key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
 
-        ctld_port, slurmd_port, dbd_port, db_port = _free_ports(4)
-        self.ports = {"slurmctld": ctld_port, "slurmd": slurmd_port, "slurmdbd": dbd_port}
-        self.ports["mariadb"] = db_port
+        ctld_port, dbd_port, db_port, *slurmd_ports = _free_ports(3 + len(self.slurmds))
+        self.ports = {"slurmctld": ctld_port, "slurmdbd": dbd_port, "mariadb": db_port}
+        self.ports.update(zip(self.slurmds, slurmd_ports, strict=True))
+        # One node: the files of its slurmd as before. Two: each slurmd has its own port,
+        # spool, pid and log file (%n: the node name).
+        slurmd = self.slurmds[0] if len(self.slurmds) == 1 else "slurmd-%n"
+        nodes = "\n".join(
+            f"NodeName={name} NodeAddr={'127.0.0.1' if name == 'localhost' else name} Port={port} "
+            f"CPUs={self.cpus} State=UNKNOWN"
+            for name, port in zip(self.node_names, slurmd_ports, strict=True)
+        )
         self.first_job_id = pick_first_job_id(_running_first_job_ids())
         r, munge = self.root, self.munge_socket
         slurm_conf = f"""\
-# Written by slurm/local_cluster.py: a single-node cluster under {r}. No cgroups anywhere.
+# Written by slurm/local_cluster.py: a {len(self.node_names)}-node cluster under {r}. No cgroups.
 ClusterName={self.cluster_name}
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
+SlurmdPort={slurmd_ports[0]}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -322,11 +356,11 @@ CredType=cred/munge
 # cred_expire: a requeued job may start again only after this many seconds (default 120).
 AuthInfo=socket={munge},cred_expire=10
 StateSaveLocation={r}/state/slurmctld
-SlurmdSpoolDir={r}/state/slurmd
+SlurmdSpoolDir={r}/state/{slurmd}
 SlurmctldPidFile={self.pid_file("slurmctld")}
-SlurmdPidFile={self.pid_file("slurmd")}
+SlurmdPidFile={self.pid_file(slurmd)}
 SlurmctldLogFile={self.log_file("slurmctld")}
-SlurmdLogFile={self.log_file("slurmd")}
+SlurmdLogFile={self.log_file(slurmd)}
 SlurmctldDebug=info
 SlurmdDebug=info
 PlugStackConfig={r}/etc/plugstack.conf
@@ -357,8 +391,9 @@ AccountingStoragePort={dbd_port}
 # slurmdbd connections ignore AuthInfo's socket: name the munge socket here too.
 AccountingStoragePass={munge}
 JobCompType=jobcomp/none
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
-PartitionName={self.partition} Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+{nodes}
+PartitionName={self.partition} Nodes={",".join(self.node_names)} Default=YES MaxTime=INFINITE \
+State=UP
 """
         self.slurm_conf.write_text(slurm_conf)
         (self.etc / "plugstack.conf").write_text("")
@@ -518,14 +553,14 @@ StorageLoc=slurm_acct_db
     def _wait_idle(self) -> None:
         self._wait_for(
             "slurm node idle",
-            lambda: self.node_state() == "idle",
-            list(DAEMONS),
+            lambda: self.node_state().split() == ["idle"] * len(self.node_names),
+            list(self.daemons),
             self.start_timeout,
         )
 
     def log_tails(self, lines: int = 15) -> str:
         parts = []
-        for daemon in DAEMONS:
+        for daemon in self.daemons:
             for path in (self.log_file(daemon), self.log_dir / f"{daemon}.out"):
                 if path.exists() and path.stat().st_size:
                     parts.append(f"--- {path} ---\n{_tail(path, lines)}")
@@ -535,9 +570,9 @@ StorageLoc=slurm_acct_db
 
     def stop(self, timeout: float = 15.0) -> None:
         """Cancel the jobs, then SIGTERM each daemon (reverse start order), wait, SIGKILL."""
-        if self.alive_pids().keys() >= {"slurmctld", "slurmd"}:
+        if self.alive_pids().keys() >= {"slurmctld", *self.slurmds}:
             self._cancel_jobs()
-        for daemon in reversed(DAEMONS):
+        for daemon in reversed(self.daemons):
             pid = self.pids().get(daemon)
             if pid is not None:
                 self._terminate(daemon, pid, timeout)
@@ -612,7 +647,10 @@ StorageLoc=slurm_acct_db
         self.stop()
 
     def __repr__(self) -> str:
-        return f"LocalSlurmCluster(root={str(self.root)!r}, cpus={self.cpus})"
+        return (
+            f"LocalSlurmCluster(root={str(self.root)!r}, cpus={self.cpus}, "
+            f"nodes={len(self.node_names)})"
+        )
 
 
 # ----- CLI ---------------------------------------------------------------------------------
@@ -626,13 +664,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--root", required=True, type=Path, help="directory for all its files")
-    parser.add_argument("--cpus", type=int, default=2, help="CPUs (= tasks) of the node")
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs (= tasks) of each node")
+    parser.add_argument("--nodes", type=int, default=1, choices=[1, 2], help="slurmd nodes")
     parser.add_argument("--cluster-name", default="mmdit-local")
     parser.add_argument("--partition", default="debug")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for idle")
     args = parser.parse_args(argv)
     cluster = LocalSlurmCluster(
-        args.root, args.cpus, args.cluster_name, args.partition, start_timeout=args.timeout
+        args.root,
+        args.cpus,
+        args.cluster_name,
+        args.partition,
+        start_timeout=args.timeout,
+        nodes=args.nodes,
     )
     if args.command == "start":
         try:
@@ -648,7 +692,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stopped the cluster under {cluster.root}")
         return 0
     alive, pids = cluster.alive_pids(), cluster.pids()
-    for daemon in DAEMONS:
+    for daemon in cluster.daemons:
         state = "alive" if daemon in alive else ("dead" if daemon in pids else "not started")
         print(f"{daemon:10s} {pids.get(daemon, '-')!s:>8} {state}")
     if cluster.is_running():

@@ -306,3 +306,37 @@ def test_bad_nodes_are_added_to_a_pending_jobs_excluded_nodes(slurm_cluster, tmp
         assert excluded() == "ExcNodeList=localhost"
     finally:
         subprocess.run(["scancel", job])
+
+
+def test_a_2_node_job_trains_and_resumes_on_one_node_on_the_same_curve(
+    two_node_cluster, uninterrupted, tmp_path, digit_shards, tiny_components, monkeypatch, capsys
+):
+    """Two slurmd, one task on each: MASTER_ADDR comes from the job's node list and each task
+    is local rank 0 of its node; the run then resumes on one node with two tasks."""
+    reference, _ = uninterrupted
+    monkeypatch.setenv("SLURM_CONF", str(two_node_cluster.slurm_conf))
+    run_dir = tmp_path / "run"
+    half = {"train.max_steps": STEPS // 2}
+    # The layout flags given after _submit_args' own ones win (argparse keeps the last).
+    layout = ["--nodes", "2", "--gpus-per-node", "1"]
+    assert main([*_submit_args(run_dir, digit_shards, tiny_components, **half), *layout]) == 0
+    job = _job_id(capsys.readouterr().out)
+    state = _wait_done(job)
+    assert state == "COMPLETED", (state, _logs(run_dir)[-3000:])
+    nodes = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-j", job, "-o", "NNodes,NodeList"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert nodes == ["2|127.0.0.[1-2]"], nodes
+    assert max(read_metrics(run_dir)) == STEPS // 2
+
+    one_node = ["--nodes", "1", "--gpus-per-node", "2"]
+    assert main([*_submit_args(run_dir, digit_shards, tiny_components), *one_node]) == 0
+    job = _job_id(capsys.readouterr().out)
+    state = _wait_done(job)
+    logs = _logs(run_dir)
+    assert state == "COMPLETED", (state, logs[-3000:])
+    assert f"checkpoints/step_{STEPS // 2:08d}" in logs  # resumed from the 2-node checkpoint
+    assert _losses(run_dir) == _losses(reference)
