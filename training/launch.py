@@ -3,6 +3,7 @@ NCCL on GPUs, gloo on its CPU accelerator)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from datetime import timedelta
@@ -11,6 +12,8 @@ from pathlib import Path
 import torch
 
 from mmdit.distributed import DistEnv, export_env
+
+log = logging.getLogger(__name__)
 
 
 def init(dist_env: DistEnv, timeout_s: float = 3600) -> torch.device:
@@ -38,6 +41,17 @@ def init(dist_env: DistEnv, timeout_s: float = 3600) -> torch.device:
         )
         if device.type == "cpu":
             release_shm_buffer(dist_env.rank)
+        if dist_env.rank == 0:
+            log.info(
+                "process group: %s, %d ranks, rendezvous %s:%s (%s), collectives time out "
+                "after %g s",
+                torch.distributed.get_backend(),
+                dist_env.world_size,
+                os.environ["MASTER_ADDR"],
+                os.environ["MASTER_PORT"],
+                dist_env.launcher,
+                timeout_s,
+            )
     return device
 
 

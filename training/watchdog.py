@@ -281,6 +281,11 @@ class Watchdog:
         return, and the error is the program's own."""
         if self.world == 1:
             return
+        if threading.current_thread() is threading.main_thread():
+            # The launcher may be tearing the job down (torchrun SIGTERMs every process when
+            # one dies): a data worker ended that way must not raise (torch's DataLoader SIGCHLD
+            # handler) in the middle of the report.
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         stuck = self.stuck_ranks()
         if not stuck:
             return

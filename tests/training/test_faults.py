@@ -12,12 +12,22 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.training.conftest import read_metrics, run_training, train_overrides
+from mmdit.distributed import free_ports
+from tests.training.conftest import (
+    INSTRUMENTED,
+    REPO,
+    read_metrics,
+    run_training,
+    train_overrides,
+)
 from training.watchdog import EXIT_HUNG, FAULTS_FILE
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -62,25 +72,75 @@ def _losses(run_dir) -> dict[int, float]:
     return {step: row["loss"] for step, row in read_metrics(run_dir).items() if "loss" in row}
 
 
+def _run_ranks_as_srun_does(args, instruments: dict, timeout: float) -> subprocess.CompletedProcess:
+    """The 2 ranks as plain processes with RANK/WORLD_SIZE set, as srun starts tasks: no agent
+    ends the survivor when a rank dies (torchrun does, at its next monitor tick, which can
+    come before the survivor's report), so what the trainer does on its own is seen. The
+    result: the survivor's (rank 0's) status and both ranks' output."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_ports(1)[0]),
+        **instruments,
+    }
+    ranks, logs = [], [tempfile.TemporaryFile("w+") for _ in range(2)]  # noqa: SIM115
+    for rank, log in enumerate(logs):
+        ranks.append(
+            subprocess.Popen(
+                [sys.executable, str(INSTRUMENTED), *args],
+                cwd=REPO,
+                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                start_new_session=True,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    codes = [p.wait(timeout=timeout) for p in ranks]
+    output = []
+    for log in logs:
+        log.seek(0)
+        output.append(log.read())
+        log.close()
+    return subprocess.CompletedProcess(ranks[0].args, codes[0], "", "\n".join(output))
+
+
 def _fault(
-    run_dir, args, variable: str, where: str, *, rerun: bool = True, bound_s=None, **launch
+    run_dir,
+    args,
+    variable: str,
+    where: str,
+    *,
+    rerun: bool = True,
+    bound_s=None,
+    torchrun: bool = True,
 ) -> tuple[dict, str]:
-    """Run the job with rank RANK signalled in SECTION at STEP (`where`) and check how it
-    ended; with `rerun`, run it again and check that it resumes and finishes. The fault record
-    and the stderr of both runs."""
-    started = time.time()
-    result = run_training(2, args, instruments={variable: where}, timeout=600, **launch)
+    """Run the job (under torchrun, or as srun starts tasks) with rank RANK signalled in
+    SECTION at STEP (`where`) and check how it ended; with `rerun`, run it again and check
+    that it resumes and finishes. The fault record and the stderr of both runs."""
+    if torchrun:
+        result = run_training(2, args, instruments={variable: where}, timeout=600)
+    else:
+        result = _run_ranks_as_srun_does(args, instruments={variable: where}, timeout=600)
     ended = time.time()
     assert result.returncode != 0, result.stderr[-3000:]
-    # No rank, stopped, killed or exiting, left DeepSpeed's 69 MB shared-memory buffer in RAM.
-    left = [p.name for p in SHM.glob(SHM_BUFFERS) if p.stat().st_mtime >= started - 1]
+    # No rank, stopped, killed or exiting, left DeepSpeed's 69 MB shared-memory buffer in RAM
+    # (this job's: the port of its rendezvous is in the name; other jobs may run meanwhile).
+    port = re.search(r"process group: \w+, 2 ranks, rendezvous [^:]+:(\d+)", result.stderr)
+    assert port, result.stderr[-3000:]
+    left = [p.name for p in SHM.glob(SHM_BUFFERS) if f"_{port.group(1)}_" in p.name]
     assert left == [], left
     stopped = float((run_dir / "stopped_at").read_text())
     bound_s = LIMIT_S + GRACE_S if bound_s is None else bound_s
     print(f"{where}: the job ended {ended - stopped:.1f} s after the fault (bound {bound_s} s)")
     assert ended - stopped < bound_s, (ended - stopped, result.stderr[-3000:])
-    # torchrun's summary of the failure: the ranks that reported exited with the hang status.
-    assert f"exitcode  : {EXIT_HUNG}" in result.stderr, result.stderr[-3000:]
+    if torchrun:  # its summary of the failure: the ranks that reported exited with the status
+        assert f"exitcode  : {EXIT_HUNG}" in result.stderr, result.stderr[-3000:]
+    else:
+        assert result.returncode == EXIT_HUNG, result.stderr[-3000:]
     records = [json.loads(x) for x in (run_dir / FAULTS_FILE).read_text().splitlines()]
     assert len(records) == 1, records
     metrics_tail = (run_dir / "metrics.jsonl").read_text().splitlines()[-1]
@@ -168,8 +228,7 @@ def test_rank_0_stopped_in_validation_is_reported_by_rank_1(
 def test_a_killed_rank_is_named_as_lost_by_the_survivor(tmp_path, digit_shards, tiny_components):
     run_dir = tmp_path / "run"
     args = _args(run_dir, digit_shards, tiny_components)
-    # torchrun ends the survivors itself when a worker dies; a long monitor interval shows what
-    # the trainer does on its own (as under srun, where the survivors carry on).
+    # Launched as srun does: torchrun would end the survivor itself when a worker dies.
     record, stderr = _fault(
         run_dir,
         args,
@@ -177,12 +236,11 @@ def test_a_killed_rank_is_named_as_lost_by_the_survivor(tmp_path, digit_shards, 
         "step:3:1",
         rerun=False,
         bound_s=DEAD_RANK_BOUND_S,
-        torchrun_args=("--monitor-interval=10",),
+        torchrun=False,
     )
     assert record["stuck"][0]["rank"] == 1 and record["reported_by"] == 0
     assert record["step"] == 3
-    # The survivor's next collective fails ("Connection reset by peer" from gloo; or its data
-    # worker gets torchrun's SIGTERM first, whichever comes first); the watchdog then finds
-    # the rank whose heartbeat stopped.
+    # The survivor's next collective fails ("Connection reset by peer" from gloo); the watchdog
+    # then finds the rank whose heartbeat stopped.
     assert record["event"] == "peer_lost" and record["error"], record["error"]
     assert "peer lost: a collective failed on rank 0" in stderr and "Silent: rank 1 on" in stderr
