@@ -24,6 +24,7 @@ import json
 import math
 import numbers
 import os
+import sys
 import tempfile
 import time
 import uuid
@@ -149,6 +150,7 @@ class MetricsLogger:
         self._jsonl = None
         self._tb = None
         self._wandb_run = None
+        self._warned = False  # a write failed (warned once; metrics are not worth a crash)
         if not is_writer:
             return
 
@@ -208,18 +210,34 @@ class MetricsLogger:
             raise RuntimeError(f"MetricsLogger for {self.run_dir} is closed; log before close()")
         values = {str(k): _plain(str(k), v) for k, v in metrics.items()}
         record = {"step": int(step), "time": time.time(), **values}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()  # one line per log step: a crash loses at most the line in flight
+        try:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()  # one line per log step: a crash loses at most that line
+        except OSError as e:
+            # A full disk must not end training: the line stays buffered and is written with
+            # a later flush once there is space again.
+            self._disk_trouble(f"{METRICS_FILE} not written", e)
 
         flat = flatten(values)
         numeric = {
             k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
-        for name, value in numeric.items():
-            self._tb.add_scalar(name, value, global_step=step)
+        if self._tb is not None:
+            try:
+                for name, value in numeric.items():
+                    self._tb.add_scalar(name, value, global_step=step)
+            except Exception as e:  # its writer thread died on a write error (a full disk)
+                # It raises that error on every later call: stop writing events this run.
+                self._disk_trouble("TensorBoard events no longer written", e)
+                self._tb = None
         if self._wandb_run is not None:
             self._wandb_run.log(numeric, step=step)
         print(self.console_line(step, values), flush=True)
+
+    def _disk_trouble(self, what: str, error: Exception) -> None:
+        if not self._warned:
+            print(f"warning: {what}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        self._warned = True
 
     def _update_rate(self, step: int) -> None:
         now = self._clock()
@@ -272,10 +290,16 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self._jsonl is not None:
-            self._jsonl.close()
+            try:
+                self._jsonl.close()
+            except OSError as e:
+                self._disk_trouble(f"the end of {METRICS_FILE} not written", e)
             self._jsonl = None
         if self._tb is not None:
-            self._tb.close()
+            try:
+                self._tb.close()
+            except Exception as e:
+                self._disk_trouble("the last TensorBoard events not written", e)
             self._tb = None
         if self._wandb_run is not None:
             self._wandb_run.finish()
