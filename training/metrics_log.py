@@ -18,6 +18,7 @@ and flattened to "a/b" names for TensorBoard and W&B.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -108,6 +109,20 @@ def _write_atomically(path: Path, text: str) -> None:
         raise
 
 
+def append_whole_line(f, line: str) -> None:
+    """Append `line` to `f` (a file opened "ab" without buffering): all of it or, when a write
+    fails (a full disk), none of it: a torn line would glue itself to the next one."""
+    start = os.fstat(f.fileno()).st_size
+    view = memoryview(line.encode())
+    try:
+        while view:  # a full disk first writes part, then raises
+            view = view[f.write(view) :]
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(f.fileno(), start)
+        raise
+
+
 def format_eta(seconds: float) -> str:
     return str(datetime.timedelta(seconds=round(seconds)))
 
@@ -160,7 +175,7 @@ class MetricsLogger:
             kept, dropped = _read_kept_lines(self.metrics_path, resume_step)
             if dropped:
                 _write_atomically(self.metrics_path, "".join(kept))
-        self._jsonl = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115
+        self._jsonl = open(self.metrics_path, "ab", buffering=0)  # noqa: SIM115
 
         # Imported here: tensorboard is only needed where something is written.
         from torch.utils.tensorboard import SummaryWriter
@@ -211,11 +226,9 @@ class MetricsLogger:
         values = {str(k): _plain(str(k), v) for k, v in metrics.items()}
         record = {"step": int(step), "time": time.time(), **values}
         try:
-            self._jsonl.write(json.dumps(record) + "\n")
-            self._jsonl.flush()  # one line per log step: a crash loses at most that line
-        except OSError as e:
-            # A full disk must not end training: the line stays buffered and is written with
-            # a later flush once there is space again.
+            # Unbuffered, one line per log step: a crash loses at most the line in flight.
+            append_whole_line(self._jsonl, json.dumps(record) + "\n")
+        except OSError as e:  # a full disk must not end training; this line is lost
             self._disk_trouble(f"{METRICS_FILE} not written", e)
 
         flat = flatten(values)
@@ -290,10 +303,7 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self._jsonl is not None:
-            try:
-                self._jsonl.close()
-            except OSError as e:
-                self._disk_trouble(f"the end of {METRICS_FILE} not written", e)
+            self._jsonl.close()
             self._jsonl = None
         if self._tb is not None:
             try:

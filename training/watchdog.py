@@ -43,7 +43,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.metrics_log import METRICS_FILE
+from training.metrics_log import METRICS_FILE, append_whole_line
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +348,7 @@ def append_fault_record(run_dir: Path, record: Mapping) -> None:
 
 def _append_line(path: Path, record: Mapping) -> None:
     try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        with open(path, "ab", buffering=0) as f:
+            append_whole_line(f, json.dumps(record) + "\n")
     except OSError as e:
         log.warning("could not append to %s: %s", path, e)
