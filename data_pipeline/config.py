@@ -31,6 +31,11 @@ class DataConfig:
     num_workers: int = 2
     # Abort (with the counts per reason) when more than this fraction of samples is bad.
     max_bad_fraction: float = 0.01
+    # A shard that cannot be opened (vanished, permission denied, I/O error: what an NFS or
+    # object-store hiccup looks like) is tried this many more times, shard_retry_wait_s
+    # apart, before it is skipped and counted as `unreadable_shard`.
+    shard_open_retries: int = 2
+    shard_retry_wait_s: float = 1.0
 
     def __post_init__(self):
         if self.resolution <= 0 or self.resolution % self.bucket_multiple:
@@ -46,3 +51,8 @@ class DataConfig:
             raise ValueError(f"max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
         if self.num_workers < 0 or self.shuffle_buffer < 0:
             raise ValueError("num_workers and shuffle_buffer must be >= 0")
+        if self.shard_open_retries < 0 or self.shard_retry_wait_s < 0:
+            raise ValueError(
+                f"shard_open_retries={self.shard_open_retries} and shard_retry_wait_s="
+                f"{self.shard_retry_wait_s} must be >= 0"
+            )

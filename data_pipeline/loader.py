@@ -92,7 +92,7 @@ def slot_shards(
     return order[slot::num_slots]
 
 
-def _fetch(refs: Sequence[Ref]) -> dict[Ref, dict]:
+def _fetch(refs: Sequence[Ref], config: DataConfig) -> dict[Ref, dict]:
     """Re-read referenced samples (restoring a saved buffer): one pass per shard."""
     wanted: dict[str, set[int]] = defaultdict(set)
     for _, url, index in refs:
@@ -100,7 +100,8 @@ def _fetch(refs: Sequence[Ref]) -> dict[Ref, dict]:
     found: dict[tuple[str, int], dict] = {}
     for url, indices in wanted.items():
         last = max(indices)
-        for index, sample in enumerate(iter_samples(url)):
+        samples = iter_samples(url, **_retries(config))
+        for index, sample in enumerate(samples):
             if index in indices:
                 found[(url, index)] = sample
             if index >= last:
@@ -113,6 +114,14 @@ def _fetch(refs: Sequence[Ref]) -> dict[Ref, dict]:
             "since the checkpoint"
         )
     return {r: found[(r[1], r[2])] for r in refs}
+
+
+def _retries(config: DataConfig) -> dict[str, Any]:
+    """How iter_samples retries a shard it cannot open (see data.shard_open_retries)."""
+    return {
+        "open_retries": config.shard_open_retries,
+        "retry_wait_s": config.shard_retry_wait_s,
+    }
 
 
 def decode_item(
@@ -241,7 +250,10 @@ class BucketedShardStream(IterableDataset):
                         counter.add_bad(reason)
                         state.shard_bad_events = events
 
-                for index, sample in enumerate(iter_samples(url, on_bad=on_bad)):
+                # An unopenable shard is retried first, then counted (one event) and
+                # skipped like other bad data: the cursor moves on as for an empty shard.
+                samples = iter_samples(url, on_bad=on_bad, **_retries(self.config))
+                for index, sample in enumerate(samples):
                     if index < state.sample_pos:
                         continue  # taken before the resume; skipped without decoding
                     state.sample_pos = index + 1
@@ -260,7 +272,9 @@ class BucketedShardStream(IterableDataset):
         rng = random.Random(f"buffer:{self.config.seed}:{slot}")
         if state.rng is not None:
             rng.setstate(_rng_state_from_data(state.rng))
-        restored = _fetch(state.buffer + [r for refs in state.pending.values() for r in refs])
+        restored = _fetch(
+            state.buffer + [r for refs in state.pending.values() for r in refs], self.config
+        )
         buffer: list[tuple[Ref, dict]] = [(r, restored[r]) for r in state.buffer]
         pending: dict[tuple, list[tuple[Ref, dict]]] = defaultdict(list)
         for refs in state.pending.values():

@@ -360,7 +360,13 @@ class ShardEncoder:
         try:
             with open(tmp, "wb") as f:
                 writer = wds.TarWriter(f, encoder=False, mtime=0.0)
-                for index, sample in enumerate(iter_samples(url, counter)):
+                samples = iter_samples(
+                    url,
+                    counter,
+                    open_retries=data.shard_open_retries,
+                    retry_wait_s=data.shard_retry_wait_s,
+                )
+                for index, sample in enumerate(samples):
                     try:
                         parsed = parse_sample(
                             sample, caption=data.caption, empty_caption=data.empty_caption

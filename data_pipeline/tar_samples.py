@@ -24,8 +24,15 @@ What it never does, and what it counts instead (`BadSampleCounter` reasons):
   or garbage bytes, failed ``pipe:`` command): counted, nothing yielded, no exception.
 
 Directories, links and other non-regular members are skipped silently. If a key repeats an
-extension inside one sample, the first member wins and the repeat is ignored. No sleeps, no
-retries: the caller decides what a bad shard means.
+extension inside one sample, the first member wins and the repeat is ignored.
+
+Retries: with ``open_retries=N`` an open that fails with an ``OSError`` (the file vanished,
+permission denied, an I/O error while reading the first header: what an NFS or object-store
+hiccup looks like) is tried N more times, ``retry_wait_s`` apart, before it counts as
+``unreadable_shard``. Bytes that are not a tar are not retried (they will not change), nor is
+anything after the first header: an error mid-shard stays ``truncated_tar`` with the samples
+before it kept, so the sample positions the training loader resumes from never shift. The
+default is no retry, no sleep: `mmdit-shards inspect` reports what is there now.
 
 `expand_shards(spec)` turns a shard spec (brace pattern, directory, list file, comma list) into
 URLs; `parse_sample(sample)` picks the image bytes, caption and metadata of one sample without
@@ -38,6 +45,7 @@ import json
 import logging
 import os
 import tarfile
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -184,12 +192,23 @@ class _Sample:
 
 
 def iter_samples(
-    url: str, counter: BadSampleCounter | None = None, *, on_bad: OnBad | None = None
+    url: str,
+    counter: BadSampleCounter | None = None,
+    *,
+    on_bad: OnBad | None = None,
+    open_retries: int = 0,
+    retry_wait_s: float = 1.0,
 ) -> Iterator[dict]:
     """Yield the samples of one shard as ``{"__key__", "__url__", ext: bytes, ...}`` dicts.
 
     Bad events are added to `counter` (see the module docstring for the rules) and passed to
-    `on_bad(reason, url, key, detail)` when given; nothing is raised for bad data."""
+    `on_bad(reason, url, key, detail)` when given; nothing is raised for bad data. An open
+    that fails with an OSError is retried `open_retries` times, `retry_wait_s` apart, before
+    the shard counts as unreadable (one event, however many tries)."""
+    if open_retries < 0 or retry_wait_s < 0:
+        raise ValueError(
+            f"open_retries={open_retries} and retry_wait_s={retry_wait_s} must be >= 0"
+        )
 
     def bad(reason: str, key: str = "", detail: str = "") -> None:
         if counter is not None:
@@ -209,21 +228,14 @@ def iter_samples(
             bad("forbidden_member", sample.key, "pickle-bearing member skipped unread")
         return {"__key__": sample.key, "__url__": url, **sample.members}
 
-    try:
-        stream = gopen(url, "rb")
-    except Exception as e:  # missing file, bad scheme, ... : never raise for a shard
-        bad("unreadable_shard", detail=f"{type(e).__name__}: {e}")
+    opened = _open_tar(url, open_retries, retry_wait_s)
+    if isinstance(opened, str):
+        bad("unreadable_shard", detail=opened)
         return
+    stream, tar = opened
     current: _Sample | None = None
-    opened = False
     try:
         try:
-            # `stream` (not the TarFile) owns the file; it is closed in the finally below.
-            # 1 MiB reads: tarfile's default 10 KiB records cost ~100 calls per cached sample.
-            tar = tarfile.open(  # noqa: SIM115
-                fileobj=stream, mode="r|*", tarinfo=_EndTrackingTarInfo, bufsize=1 << 20
-            )
-            opened = True
             for member in tar:
                 if not member.isreg():
                     continue
@@ -247,21 +259,59 @@ def iter_samples(
             if isinstance(end_error, (tarfile.TruncatedHeaderError, tarfile.EmptyHeaderError)):
                 raise tarfile.ReadError(f"tar ends without its end-of-archive block ({end_error})")
         except (tarfile.TarError, EOFError, zlib.error, OSError, ValueError) as e:
-            detail = f"{type(e).__name__}: {e}"
-            if opened:
-                bad("truncated_tar", current.key if current else "", detail)
-            else:
-                bad("unreadable_shard", detail=detail)
+            bad("truncated_tar", current.key if current else "", f"{type(e).__name__}: {e}")
             return
         if current is not None:
             done = finish(current)
             if done is not None:
                 yield done
     finally:
+        _close_quietly(stream, url)
+
+
+def _open_tar(url: str, retries: int, wait_s: float):
+    """(stream, TarFile) positioned after the first header, or why the shard cannot be read.
+
+    Only OSErrors are retried: a missing or unreadable file may come back (NFS, a sync job
+    replacing it, an object store's brief outage); bytes that are not a tar will not."""
+    attempt = 0
+    while True:
+        stream = None
         try:
-            stream.close()
-        except Exception as e:  # a pipe: command that exited non-zero: already counted
-            log.debug("closing %s: %s", url, e)
+            stream = gopen(url, "rb")
+            # `stream` (not the TarFile) owns the file; the caller closes it. 1 MiB reads:
+            # tarfile's default 10 KiB records cost ~100 calls per cached sample. Opening
+            # reads the first header, so an I/O error there is an open failure too.
+            tar = tarfile.open(  # noqa: SIM115
+                fileobj=stream, mode="r|*", tarinfo=_EndTrackingTarInfo, bufsize=1 << 20
+            )
+            return stream, tar
+        except Exception as e:  # missing file, bad scheme, not a tar: never raise for a shard
+            _close_quietly(stream, url)
+            detail = f"{type(e).__name__}: {e}"
+            if not isinstance(e, OSError) or attempt >= retries:
+                if attempt:
+                    detail += f" (after {attempt + 1} tries, {wait_s:g} s apart)"
+                return detail
+            attempt += 1
+            log.warning(
+                "cannot open shard %s (%s); try %d of %d in %g s",
+                url,
+                detail,
+                attempt + 1,
+                retries + 1,
+                wait_s,
+            )
+            time.sleep(wait_s)
+
+
+def _close_quietly(stream, url: str) -> None:
+    if stream is None:
+        return
+    try:
+        stream.close()
+    except Exception as e:  # a pipe: command that exited non-zero: already counted
+        log.debug("closing %s: %s", url, e)
 
 
 def _caption_from(sample: dict, caption: str, meta: dict | None) -> str:

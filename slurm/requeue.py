@@ -29,6 +29,8 @@ from pathlib import Path
 
 EXIT_PREEMPTED = 3  # training.trainer.EXIT_PREEMPTED (kept in sync by a test)
 EXIT_HUNG = 4  # training.watchdog.EXIT_HUNG (kept in sync by a test)
+EXIT_STORAGE = 5  # training.trainer.EXIT_STORAGE (kept in sync by a test)
+HANG_EVENTS = ("hang", "peer_lost")  # faults.jsonl also records failed checkpoint writes
 FAULTS_FILE = "faults.jsonl"  # training.watchdog.FAULTS_FILE (kept in sync by a test)
 
 
@@ -103,7 +105,8 @@ def requeue_or_stop(max_requeues: int, *, is_main: bool, wait_s: float = 300.0) 
 
 
 def last_fault(run_dir: str | os.PathLike) -> dict | None:
-    """This job's newest record in RUN/faults.jsonl (None when it wrote none)."""
+    """This job's newest hang or lost-peer record in RUN/faults.jsonl (None when it wrote
+    none)."""
     path = Path(run_dir) / FAULTS_FILE
     try:
         lines = path.read_text().splitlines()
@@ -117,6 +120,8 @@ def last_fault(run_dir: str | os.PathLike) -> dict | None:
         except ValueError:
             continue  # a line cut by a crash
         job = record.get("job", {})
+        if record.get("event") not in HANG_EVENTS:
+            continue
         if job.get("SLURM_JOB_ID") == jid and job.get("SLURM_RESTART_COUNT", "0") == restarts:
             return record
     return None
@@ -161,6 +166,15 @@ def main(argv: list[str] | None = None) -> int:
             exclude_nodes = sorted({s["host"] for s in record["stuck"] if "host" in s})
     elif code > 128:
         reason = f"a rank was killed (srun exit status {code})"
+    elif code == EXIT_STORAGE:
+        # The same storage would fail the same way: a person frees space or fixes it first.
+        print(
+            f"job {job_id()}: a checkpoint could not be written (RUN/faults.jsonl, the log); "
+            "not requeueing: fix the storage and submit again to resume from the last "
+            "checkpoint",
+            file=sys.stderr,
+        )
+        return code
     else:
         if code == 0:
             print(f"job {job_id()}: training finished", file=sys.stderr)

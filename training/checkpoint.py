@@ -17,6 +17,13 @@ to rank 0, which writes the manifest, renames the directory into place and repla
 (both `os.replace`, atomic on POSIX). A crash at any point leaves either the previous
 checkpoint or the new one, never half of one.
 
+A failed write (disk full, quota, I/O error) on any rank, in DeepSpeed's shards, the EMA,
+the per-rank state, the manifest or `latest`, fails the whole checkpoint on every rank
+together: `save` raises `CheckpointWriteError` on all ranks after they agree, the temporary
+directory is removed (best effort; a leftover is removed on the next start) and never
+published, and `latest`, the older checkpoints and their rotation are untouched. What the run
+does next is the trainer's decision (`faults.on_checkpoint_error`).
+
 Resume: the newest checkpoint whose manifest every rank agrees is intact (each rank checks the
 sizes of all files and the CRCs of those it will read) is loaded; a damaged one is skipped for
 its predecessor, and no rank starts loading until all agree, so a bad shard cannot leave the
@@ -30,6 +37,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +53,103 @@ log = logging.getLogger(__name__)
 UNIVERSAL_TAG = "universal"
 TMP_PREFIX = ".tmp_"
 _RANK_IN_NAME = re.compile(r"(?:zero_pp_rank_|_rank_)(\d+)")
+
+
+class CheckpointWriteError(Exception):
+    """A checkpoint that could not be written. Raised on every rank together, with every
+    failed rank's error, after nothing of it was published."""
+
+    def __init__(self, step: int, path: Path, failures: dict[int, str]):
+        self.step, self.path, self.failures = step, path, failures
+        super().__init__(f"checkpoint of step {step} not written to {path}: {self.errors()}")
+
+    def errors(self) -> str:
+        """`rank 1: writing ...: OSError: [Errno 28] No space left on device (0.0 MiB free)`"""
+        return "; ".join(f"rank {r}: {e}" for r, e in sorted(self.failures.items()))
+
+
+class _WriteFailures:
+    """This rank's first failed write during one save, as "what: Type: message (free space)".
+
+    Writes are attempted until one fails; after that they are skipped (writing more would only
+    fill the disk further), but the caller still reaches every collective, so the ranks can
+    agree afterwards. The free space is taken at the failure, because torch's zip writer
+    reports a full disk only as "unexpected pos N vs M"."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp  # named once in the report; the files in it by their relative names
+        self.first: str | None = None
+
+    def attempt(self, what: str, write, *args, **kwargs):
+        if self.first is not None:
+            return None
+        try:
+            return write(*args, **kwargs)
+        except Exception as e:  # ENOSPC arrives as OSError, RuntimeError or SafetensorError
+            message = " ".join(f"{what}: {type(e).__name__}: {e}".split())
+            self.first = message.replace(f"{self.tmp}/", "")[:600] + self._space()
+            return None
+
+    def _space(self) -> str:
+        free = free_bytes(self.tmp)
+        if free is None:
+            return ""
+        if free < 2**20:
+            return f" (file system full: {free / 2**20:.1f} MiB free)"
+        return f" ({free / 2**20:.1f} MiB free on its file system)"
+
+
+class _GuardedDeepSpeedWrites:
+    """During `engine.save_checkpoint`, a failed file write on this rank is recorded in
+    `failures` instead of raised.
+
+    DeepSpeed's save runs collectives between and after its writes (0.19: a barrier after
+    making the directory, two all-reduces checking the tag, a barrier at the end); a rank that
+    raised out of it would leave the others waiting in one of them until the watchdog's limit.
+    Every file DeepSpeed writes goes through its checkpoint engine (`save`, `makedirs`), except
+    the recovery scripts rank 0 copies (`_copy_recovery_script`); both are wrapped on this
+    engine for the duration of one save, so every rank runs the whole save and reaches the
+    agreement that follows it. Either seam missing (another DeepSpeed version) is left
+    alone: a failure there raises as before, and the watchdog reports the ranks left waiting."""
+
+    def __init__(self, engine, failures: _WriteFailures):
+        self.engine, self.failures = engine, failures
+        self.inner = getattr(engine, "checkpoint_engine", None)
+        self.copy_scripts = getattr(engine, "_copy_recovery_script", None)
+
+    def __enter__(self):
+        if self.inner is not None:
+            self.engine.checkpoint_engine = self
+        if self.copy_scripts is not None:
+            self.engine._copy_recovery_script = lambda path: self.failures.attempt(
+                f"copying DeepSpeed's recovery scripts to {path}", self.copy_scripts, path
+            )
+        return self
+
+    def __exit__(self, *exc):
+        if self.inner is not None:
+            self.engine.checkpoint_engine = self.inner
+        if self.copy_scripts is not None:
+            del self.engine._copy_recovery_script  # the instance attribute: back to the method
+
+    def save(self, state_dict, path: str):
+        self.failures.attempt(f"writing {path}", self.inner.save, state_dict, path)
+
+    def makedirs(self, path, exist_ok=False):
+        self.failures.attempt(f"creating {path}", self.inner.makedirs, path, exist_ok=exist_ok)
+
+    def __getattr__(self, name):  # create, commit, is_decoupled, ...: DeepSpeed's own
+        return getattr(self.inner, name)
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free space on the file system holding `path` (or its nearest existing parent)."""
+    for candidate in (path, *path.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return None
 
 
 def client_file_name(rank: int) -> str:
@@ -91,33 +196,89 @@ class CheckpointManager:
     # -- writing ------------------------------------------------------------------------------
 
     def save(self, engine, step: int, ema, client_state: dict, config_yaml: str) -> Path:
-        """Collective: every rank calls it. Returns the published directory."""
+        """Collective: every rank calls it. Returns the published directory, or raises
+        CheckpointWriteError on every rank when any rank failed to write (nothing published).
+
+        The ranks agree after rank 0 made the temporary directory, after every rank wrote
+        its files (a gather, which is also the barrier before anyone lists them), after they
+        read them back and after rank 0 published. A failed write never skips a collective
+        the others enter: it is remembered until the next agreement."""
         tmp = self.root / f"{TMP_PREFIX}{step_dir_name(step)}"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        distributed.barrier()
-        engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=False)
-        ema.save(tmp)
-        write_json_atomic(tmp / client_file_name(self.rank), client_state)
-        if self.rank == 0:
-            write_atomic(tmp / "config.yaml", config_yaml)
-        distributed.barrier()  # every rank's files are on disk before anyone lists them
-        mine = self._describe(tmp, lambda rel: file_owner(rel) in (self.rank, None), crc=True)
-        described = distributed.gather_objects(mine)
         final = self.root / step_dir_name(step)
+        failed = _WriteFailures(tmp)
+        if self.rank == 0:
+            failed.attempt(f"creating {tmp}", self._fresh_directory, tmp)
+        self._agree(step, tmp, distributed.broadcast_object({0: failed.first}))
+
+        with _GuardedDeepSpeedWrites(engine, failed):
+            engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=False)
+        failed.attempt("writing the EMA", ema.save, tmp)
+        failed.attempt(
+            "writing the trainer state",
+            write_json_atomic,
+            tmp / client_file_name(self.rank),
+            client_state,
+        )
+        if self.rank == 0:
+            failed.attempt("writing config.yaml", write_atomic, tmp / "config.yaml", config_yaml)
+        self._agree(step, tmp, dict(enumerate(distributed.gather_objects(failed.first))))
+
+        mine = failed.attempt(
+            f"reading back {tmp}",
+            self._describe,
+            tmp,
+            lambda rel: file_owner(rel) in (self.rank, None),
+            crc=True,
+        )
+        described = distributed.gather_objects((mine, failed.first))
+        self._agree(step, tmp, {r: error for r, (_, error) in enumerate(described)})
         if self.rank == 0:
             files: dict[str, dict] = {}
-            for part in described:
+            for part, _ in described:
                 files.update(part)
-            self._write_manifest(tmp, step, files)
-            if final.exists():  # the same step saved again after a resume: replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            write_atomic(self.root / LATEST, final.name + "\n")
+            failed.attempt(f"publishing {final}", self._publish, tmp, final, step, files)
+        self._agree(step, tmp, {0: distributed.broadcast_object(failed.first)})
+        if self.rank == 0:
             self._prune(keep_also=final)
         distributed.barrier()
         return final
+
+    def _fresh_directory(self, tmp: Path) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+
+    def _agree(self, step: int, tmp: Path, failures: dict[int, str | None]) -> None:
+        """`failures` is the same on every rank (it came from a collective): if any rank
+        failed, remove the temporary directory (rank 0, best effort) and raise on all."""
+        failures = {r: e for r, e in failures.items() if e}
+        if not failures:
+            return
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(step, tmp, failures)
+
+    def _publish(self, tmp: Path, final: Path, step: int, files: dict[str, dict]) -> None:
+        """Rank 0: manifest, then the two renames. Everything that needs space (the manifest,
+        the new `latest`) is written before anything is renamed, so a full disk leaves the
+        previous state; a rename that fails after the first is undone."""
+        self._write_manifest(tmp, step, files)
+        latest = self.root / LATEST
+        fd, latest_tmp = tempfile.mkstemp(dir=self.root, prefix=f".{LATEST}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(final.name + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if final.exists():  # the same step saved again after a resume: replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            try:
+                os.replace(latest_tmp, latest)
+            except OSError:
+                os.replace(final, tmp)  # unpublish; _agree then removes it
+                raise
+        finally:
+            Path(latest_tmp).unlink(missing_ok=True)
 
     def _write_manifest(self, directory: Path, step: int, files: dict[str, dict]) -> None:
         write_json_atomic(

@@ -147,7 +147,7 @@ class LaunchConfig:
 @dataclass(frozen=True)
 class FaultConfig:
     """How long each part of training may take on a rank before the job is declared hung
-    (training.watchdog). 0 = no limit."""
+    (training.watchdog; 0 = no limit), and what a failed checkpoint write does."""
 
     # Building the model, loading a checkpoint, starting the data workers and the first step
     # (which compiles and gathers the first batches).
@@ -167,6 +167,12 @@ class FaultConfig:
     # is more than straggler_factor x the median for straggler_windows log windows in a row.
     straggler_factor: float = 1.3  # 0 = no warnings (the metrics are still logged)
     straggler_windows: int = 3
+    # A checkpoint that cannot be written (disk full, quota, I/O error on any rank) is never
+    # published and leaves `latest` and the older checkpoints as they were. `continue`: train
+    # on and try again at the next checkpoint step (if the final one at max_steps fails, the
+    # run ends with status 5 instead of 0); `stop`: end at once with status 5 (EXIT_STORAGE:
+    # fix the storage, then rerun to resume from the last checkpoint).
+    on_checkpoint_error: Literal["continue", "stop"] = "continue"
 
     def __post_init__(self):
         limits = (

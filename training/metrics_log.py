@@ -18,12 +18,14 @@ and flattened to "a/b" names for TensorBoard and W&B.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.util
 import json
 import math
 import numbers
 import os
+import sys
 import tempfile
 import time
 import uuid
@@ -107,6 +109,20 @@ def _write_atomically(path: Path, text: str) -> None:
         raise
 
 
+def append_whole_line(f, line: str) -> None:
+    """Append `line` to `f` (a file opened "ab" without buffering): all of it or, when a write
+    fails (a full disk), none of it: a torn line would glue itself to the next one."""
+    start = os.fstat(f.fileno()).st_size
+    view = memoryview(line.encode())
+    try:
+        while view:  # a full disk first writes part, then raises
+            view = view[f.write(view) :]
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(f.fileno(), start)
+        raise
+
+
 def format_eta(seconds: float) -> str:
     return str(datetime.timedelta(seconds=round(seconds)))
 
@@ -149,6 +165,7 @@ class MetricsLogger:
         self._jsonl = None
         self._tb = None
         self._wandb_run = None
+        self._warned = False  # a write failed (warned once; metrics are not worth a crash)
         if not is_writer:
             return
 
@@ -158,7 +175,7 @@ class MetricsLogger:
             kept, dropped = _read_kept_lines(self.metrics_path, resume_step)
             if dropped:
                 _write_atomically(self.metrics_path, "".join(kept))
-        self._jsonl = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115
+        self._jsonl = open(self.metrics_path, "ab", buffering=0)  # noqa: SIM115
 
         # Imported here: tensorboard is only needed where something is written.
         from torch.utils.tensorboard import SummaryWriter
@@ -208,18 +225,32 @@ class MetricsLogger:
             raise RuntimeError(f"MetricsLogger for {self.run_dir} is closed; log before close()")
         values = {str(k): _plain(str(k), v) for k, v in metrics.items()}
         record = {"step": int(step), "time": time.time(), **values}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()  # one line per log step: a crash loses at most the line in flight
+        try:
+            # Unbuffered, one line per log step: a crash loses at most the line in flight.
+            append_whole_line(self._jsonl, json.dumps(record) + "\n")
+        except OSError as e:  # a full disk must not end training; this line is lost
+            self._disk_trouble(f"{METRICS_FILE} not written", e)
 
         flat = flatten(values)
         numeric = {
             k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
-        for name, value in numeric.items():
-            self._tb.add_scalar(name, value, global_step=step)
+        if self._tb is not None:
+            try:
+                for name, value in numeric.items():
+                    self._tb.add_scalar(name, value, global_step=step)
+            except Exception as e:  # its writer thread died on a write error (a full disk)
+                # It raises that error on every later call: stop writing events this run.
+                self._disk_trouble("TensorBoard events no longer written", e)
+                self._tb = None
         if self._wandb_run is not None:
             self._wandb_run.log(numeric, step=step)
         print(self.console_line(step, values), flush=True)
+
+    def _disk_trouble(self, what: str, error: Exception) -> None:
+        if not self._warned:
+            print(f"warning: {what}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        self._warned = True
 
     def _update_rate(self, step: int) -> None:
         now = self._clock()
@@ -275,7 +306,10 @@ class MetricsLogger:
             self._jsonl.close()
             self._jsonl = None
         if self._tb is not None:
-            self._tb.close()
+            try:
+                self._tb.close()
+            except Exception as e:
+                self._disk_trouble("the last TensorBoard events not written", e)
             self._tb = None
         if self._wandb_run is not None:
             self._wandb_run.finish()

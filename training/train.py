@@ -17,6 +17,11 @@ A rank that stops making progress (the `faults.*_timeout_s` limits for set-up, a
 checkpoint, validation) or dies makes every rank exit with status 4 after one log line naming
 it; RUN/faults.jsonl keeps the record. Under torchrun, `--max-restarts N` restarts the job
 and it resumes from the last complete checkpoint; under mmdit-submit the job requeues itself.
+
+A checkpoint that cannot be written (disk full, quota, I/O error) is reported in one line and
+in RUN/faults.jsonl and never published; training goes on and tries again at the next
+checkpoint step (faults.on_checkpoint_error=continue), or stops with status 5 (=stop). Status
+5 also ends a run whose final checkpoint failed: fix the storage and rerun to resume.
 """
 
 from __future__ import annotations
@@ -51,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, *, on_fault=None) -> int:
     """Exit status: 0 done, 3 checkpointed on a signal (resubmit), 4 a rank hung or died
-    (training.watchdog; restart from the last checkpoint). `on_fault(report)` runs on the
-    rank that reports a hang, before the exit (slurm.tasks uses it to requeue)."""
+    (training.watchdog; restart from the last checkpoint), 5 a checkpoint could not be
+    written (fix the storage, then rerun). `on_fault(report)` runs on the rank that reports a
+    hang, before the exit (slurm.tasks uses it to requeue)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     config = config_from_args(RunConfig, args, parser)

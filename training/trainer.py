@@ -46,7 +46,7 @@ from mmdit.flops import approx_train_flops_per_sample, mfu, peak_bf16_flops
 from mmdit.model import JointBlock, MMDiT
 from mmdit.typed_config import dumps_yaml, to_dict
 from training import launch
-from training.checkpoint import DS_TAG, Checkpoint, CheckpointManager
+from training.checkpoint import DS_TAG, Checkpoint, CheckpointManager, CheckpointWriteError
 from training.config import RunConfig
 from training.ds_config import accumulation_steps, deepspeed_config
 from training.ema import ShardedEMA
@@ -55,12 +55,16 @@ from training.model_inputs import ModelInputs
 from training.optim import build_optimizer, lr_at, repair_after_load
 from training.regional_compile import compile_blocks, compile_count
 from training.stragglers import BlockTimer, StragglerReport
-from training.watchdog import HangReport, Limits, Watchdog
+from training.watchdog import HangReport, Limits, Watchdog, append_fault_record, job_identity
 
 log = logging.getLogger("mmdit.train")
 
 EXIT_DONE = 0
 EXIT_PREEMPTED = 3  # checkpointed on request/signal before max_steps; resubmit to continue
+# A checkpoint could not be written (disk full, quota, I/O error) and the run stopped
+# (faults.on_checkpoint_error=stop), or its final checkpoint, or the one a signal asked for,
+# failed: fix the storage, then rerun to resume from the last checkpoint. Not requeued.
+EXIT_STORAGE = 5
 CHECKPOINT_REQUEST_FILE = "CHECKPOINT_NOW"  # touch RUN/CHECKPOINT_NOW to get one
 MODEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -505,19 +509,87 @@ class Trainer:
             "global_batch": self.global_batch,
         }
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> bool:
+        """Collective. True when the checkpoint was published; False (on every rank) when a
+        write failed on any rank, after the failure was reported (nothing was published)."""
         self.watchdog.enter("checkpoint")
         t0 = time.perf_counter()
-        path = self.checkpoints.save(
-            self.engine,
-            self.step,
-            self.ema,
-            self._client_state(),
-            dumps_yaml(replace(self.config, data=self.data_config)),
-        )
+        try:
+            path = self.checkpoints.save(
+                self.engine,
+                self.step,
+                self.ema,
+                self._client_state(),
+                dumps_yaml(replace(self.config, data=self.data_config)),
+            )
+        except CheckpointWriteError as error:  # raised on every rank together
+            # Whether a signal asked for this checkpoint decides what happens next (fit):
+            # agreed here, as fit agrees, so the report says what the run will do.
+            signalled = distributed.any_true(
+                self.stop_flag is not None and self.stop_flag.received is not None
+            )
+            self._report_checkpoint_failure(error, time.perf_counter() - t0, signalled)
+            return False
         if self.rank == 0:
             log.info("checkpoint %s written in %.1fs", path, time.perf_counter() - t0)
-        return path
+        return True
+
+    def _report_checkpoint_failure(
+        self, error: CheckpointWriteError, seconds: float, signalled: bool
+    ) -> None:
+        """Rank 0: one line (step, path, every failed rank's error, what happens next) and a
+        record in RUN/faults.jsonl and metrics.jsonl (written only if the disk lets it)."""
+        if self.rank != 0:
+            return
+        stop = self.config.faults.on_checkpoint_error == "stop"
+        final = self.step >= self.train.max_steps
+        previous = self.checkpoints.published()
+        kept = (
+            f"{previous[0].path.name} and `latest` are unchanged"
+            if previous
+            else "there is no earlier checkpoint (a rerun starts over)"
+        )
+        if stop or final or signalled:
+            why = (
+                "faults.on_checkpoint_error=stop"
+                if stop
+                else ("it was the final checkpoint" if final else "a signal asked for it")
+            )
+            action = "stop"
+            then = (
+                f"stopping with status {EXIT_STORAGE} ({why}): free space or fix the file "
+                "system, then rerun the same command to resume from the last checkpoint"
+            )
+        else:
+            every = self.train.checkpoint_every
+            retry_at = min((self.step // every + 1) * every, self.train.max_steps)
+            action = "continue"
+            then = (
+                f"training continues (faults.on_checkpoint_error=continue); the next try is at "
+                f"step {retry_at}"
+            )
+        log.error(
+            "checkpoint of step %d not written to %s after %.1f s: %s. Nothing was published: "
+            "%s; %s",
+            self.step,
+            error.path,
+            seconds,
+            error.errors(),
+            kept,
+            then,
+        )
+        record = {
+            "step": self.step,
+            "time": time.time(),
+            "event": "checkpoint_failed",
+            "section": "checkpoint",
+            "path": str(error.path),
+            "errors": {str(rank): message for rank, message in error.failures.items()},
+            "kept": previous[0].path.name if previous else None,
+            "action": action,
+            "job": job_identity(),
+        }
+        append_fault_record(self.run_dir, record)
 
     def levers(self) -> str:
         """The settings that decide speed and memory, as one log line."""
@@ -544,9 +616,10 @@ class Trainer:
         return distributed.any_true(mine)
 
     def fit(self) -> int:
-        """Train to train.max_steps; EXIT_DONE, or EXIT_PREEMPTED after a signal's
-        checkpoint. A hang ends the process from the watchdog (EXIT_HUNG), and so does a
-        failed collective whose peer stopped beating; any other error is raised."""
+        """Train to train.max_steps; EXIT_DONE, EXIT_PREEMPTED after a signal's checkpoint, or
+        EXIT_STORAGE after a checkpoint that could not be written (see EXIT_STORAGE). A hang
+        ends the process from the watchdog (EXIT_HUNG), and so does a failed collective whose
+        peer stopped beating; any other error is raised."""
         try:
             return self._fit()
         except Exception as error:
@@ -572,6 +645,7 @@ class Trainer:
             log.info("levers: %s", self.levers())
         batches = iter(self.loader)
         last_saved = self.step if self.resume_from is not None else -1
+        last_tried = last_saved
         if self.validator is not None and self.step == 0:
             self.watchdog.enter("eval")
             self.metrics.log(0, self.validator.run(self.ema) or {})  # the untrained baseline
@@ -588,20 +662,28 @@ class Trainer:
             log_step = self.step % t.log_every == 0 or self.step == t.max_steps
             requested = log_step and self._checkpoint_requested()
             if requested or self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
-                self.save_checkpoint()
-                last_saved = self.step
-                if self.rank == 0:
+                saved = self.save_checkpoint()  # the same answer on every rank
+                last_tried = self.step
+                if saved:
+                    last_saved = self.step
+                if self.rank == 0:  # answered, even when the save failed (it was reported)
                     (self.run_dir / CHECKPOINT_REQUEST_FILE).unlink(missing_ok=True)
+                if not saved and self.config.faults.on_checkpoint_error == "stop":
+                    self.metrics.close()
+                    return EXIT_STORAGE
                 if self.stop_flag is not None and distributed.any_true(
                     self.stop_flag.received is not None
                 ):
                     log.warning("rank %d: stopping at step %d on a signal", self.rank, self.step)
                     self.metrics.close()
-                    return EXIT_PREEMPTED
-        if last_saved != self.step:
-            self.save_checkpoint()
+                    # Status 3 promises a checkpoint to resume from; without one, requeueing
+                    # would only meet the same storage fault.
+                    return EXIT_PREEMPTED if saved else EXIT_STORAGE
+        if last_tried != self.step and self.save_checkpoint():
+            last_saved = self.step
         self.metrics.close()
-        return EXIT_DONE
+        # A run whose last steps are in no checkpoint has not finished: its rerun redoes them.
+        return EXIT_DONE if last_saved == self.step else EXIT_STORAGE
 
     def _validate(self) -> dict | None:
         """The EMA's validation loss when due ({} on ranks other than 0), else None."""

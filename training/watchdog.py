@@ -43,7 +43,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.metrics_log import METRICS_FILE
+from training.metrics_log import METRICS_FILE, append_whole_line
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,7 @@ class HangReport:
             "limit_s": self.limit_s,
             "reported_by": self.rank,
             "error": self.error,
-            # Which incarnation of the job saw it (a requeue or torchrun restart is another).
-            "job": {k: os.environ[k] for k in JOB_VARIABLES if k in os.environ},
+            "job": job_identity(),
             "stuck": [
                 {"rank": s} if isinstance(s, int) else {"rank": s.rank, "host": s.host}
                 for s in self.stuck
@@ -315,9 +314,7 @@ class Watchdog:
             log.error("rank %d: %s", self.rank, line)
             print(f"[rank {self.rank}] {line}", file=sys.stderr, flush=True)
             if self.rank == lowest_live_rank(report, self.world):
-                record = report.record()
-                _append_line(self.run_dir / FAULTS_FILE, record)
-                _append_line(self.run_dir / METRICS_FILE, record)
+                append_fault_record(self.run_dir, report.record())
                 if self._on_fault is not None:
                     try:
                         self._on_fault(report)
@@ -342,9 +339,21 @@ def lowest_live_rank(report: HangReport, world: int) -> int:
     return min(r for r in range(world) if r not in stuck)
 
 
+def job_identity() -> dict[str, str]:
+    """Which incarnation of the job wrote a record (a requeue or torchrun restart is another)."""
+    return {k: os.environ[k] for k in JOB_VARIABLES if k in os.environ}
+
+
+def append_fault_record(run_dir: Path, record: Mapping) -> None:
+    """A fault's record: appended to RUN/faults.jsonl (the history, kept across resumes) and,
+    as the run's latest record, to metrics.jsonl. Never raises: the disk may be the fault."""
+    _append_line(run_dir / FAULTS_FILE, record)
+    _append_line(run_dir / METRICS_FILE, record)
+
+
 def _append_line(path: Path, record: Mapping) -> None:
     try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        with open(path, "ab", buffering=0) as f:
+            append_whole_line(f, json.dumps(record) + "\n")
     except OSError as e:
         log.warning("could not append to %s: %s", path, e)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import shutil
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -302,3 +304,39 @@ def test_latents_mode_refuses_a_cache_from_other_encoders(tmp_path):
     other = {"components": {"vae": {"config_sha256": "def"}}, "t5": True}
     with pytest.raises(StaleEmbeddingsError, match="components"):
         build_loader(cfg, 0, 1, batch_size=2, expected_identity=other)
+
+
+# --- shards that vanish while the run reads ------------------------------------------------
+
+
+def test_a_shard_deleted_mid_run_is_retried_counted_and_the_rest_read(tmp_path, shard_dir):
+    """A real worker process reads; one shard is deleted while it is open (Linux keeps an open
+    file readable: it is read whole) and one before it is reached (tried 3 times, 0.3 s apart,
+    then counted as unreadable_shard and skipped); every other sample comes exactly once."""
+    shards = tmp_path / "shards"
+    shutil.copytree(shard_dir, shards)
+    cfg = config(shards, num_workers=1, shuffle_buffer=1, shard_retry_wait_s=0.3)
+    assert cfg.shard_open_retries == 2  # the default
+    order = slot_shards(
+        sorted(str(p) for p in shards.glob("*.tar")),
+        epoch=0,
+        slot=0,
+        num_slots=1,
+        seed=cfg.seed,
+        resample=False,
+    )
+    expected = {f"{Path(url).stem[-2:]}{i:03d}" for url in order for i in range(PER_SHARD)}
+    gone = {f"{Path(order[-2]).stem[-2:]}{i:03d}" for i in range(PER_SHARD)}
+    loader = build_loader(cfg, 0, 1, batch_size=1)
+    batches = iter(loader)
+    keys = next(batches)["keys"]  # the worker is inside the first shard now
+    Path(order[0]).unlink()
+    Path(order[-2]).unlink()
+    t0 = time.monotonic()
+    for _ in range(len(expected) - len(gone) - 1):  # the rest of the epoch
+        keys += next(batches)["keys"]
+    waited = time.monotonic() - t0
+    assert sorted(keys) == sorted(expected - gone)  # nothing skipped, nothing twice
+    counts = loader.bad_counts()
+    assert counts["unreadable_shard"] == 1 and sum(counts.values()) - counts["good"] == 1
+    assert waited >= 0.6, waited  # the two waits before it was given up

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pickle
 import shlex
+import threading
+import time
 
 import pytest
 
@@ -222,3 +224,57 @@ def test_expand_shards(tmp_path):
     (tmp_path / "emptydir").mkdir()
     with pytest.raises(ValueError, match="emptydir"):
         expand_shards(str(tmp_path / "emptydir"))
+
+
+# --- retrying a shard that cannot be opened ---------------------------------------------------
+
+
+def test_an_unopenable_shard_is_retried_then_counted_once(tmp_path, caplog):
+    url = str(tmp_path / "vanished.tar")
+    counter = BadSampleCounter()
+    seen = []
+    t0 = time.monotonic()
+    samples = list(
+        iter_samples(
+            url, counter, on_bad=lambda *a: seen.append(a), open_retries=2, retry_wait_s=0.2
+        )
+    )
+    waited = time.monotonic() - t0
+    assert samples == [] and counter.as_dict()["unreadable_shard"] == counter.total_bad == 1
+    # Two waits between three tries; nothing else sleeps.
+    assert 0.4 <= waited < 2.0, waited
+    tries = [r.getMessage() for r in caplog.records if "cannot open shard" in r.getMessage()]
+    assert len(tries) == 2 and "try 2 of 3" in tries[0] and "try 3 of 3" in tries[1], tries
+    (reason, bad_url, _, detail), *more = seen
+    assert more == [] and (reason, bad_url) == ("unreadable_shard", url)
+    assert "FileNotFoundError" in detail and "after 3 tries, 0.2 s apart" in detail
+
+
+def test_a_shard_back_within_the_retries_is_read_whole(tmp_path, photos):
+    """An NFS hiccup: the shard is missing at the first try and back before the second."""
+    path = tmp_path / "000000.tar"
+    away = tmp_path / "moved-away"
+    path.write_bytes(make_tar(good_members("a", photos[0]) + good_members("b", photos[1])))
+    path.rename(away)
+    timer = threading.Timer(0.2, away.rename, (path,))
+    timer.start()
+    try:
+        counter = BadSampleCounter()
+        samples = list(iter_samples(str(path), counter, open_retries=2, retry_wait_s=1.0))
+    finally:
+        timer.join()
+    assert [s["__key__"] for s in samples] == ["a", "b"] and counter.total_bad == 0
+
+
+def test_bytes_that_are_not_a_tar_are_not_retried(tmp_path):
+    (tmp_path / "garbage.tar").write_bytes(b"this is not a tar file at all" * 40)
+    counter = BadSampleCounter()
+    t0 = time.monotonic()
+    assert list(iter_samples(str(tmp_path / "garbage.tar"), counter, open_retries=3)) == []
+    assert time.monotonic() - t0 < 0.5  # no 1 s waits: the bytes will not change
+    assert counter.as_dict()["unreadable_shard"] == 1
+
+
+def test_negative_retry_settings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="open_retries=-1"):
+        list(iter_samples(str(tmp_path / "x.tar"), open_retries=-1))

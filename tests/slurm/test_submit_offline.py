@@ -119,6 +119,7 @@ def test_requeue_and_trainer_agree_on_the_preempted_status():
 
     assert requeue.EXIT_PREEMPTED == trainer.EXIT_PREEMPTED
     assert requeue.EXIT_HUNG == watchdog.EXIT_HUNG
+    assert requeue.EXIT_STORAGE == trainer.EXIT_STORAGE
     assert requeue.FAULTS_FILE == watchdog.FAULTS_FILE
 
 
@@ -135,6 +136,8 @@ def test_requeue_after_a_hang_reads_this_jobs_fault_record(monkeypatch, tmp_path
             "stuck": [{"rank": 3, "host": "gpu-017"}],
         },
         {"job": {"SLURM_JOB_ID": "41"}, "event": "peer_lost"},
+        # A failed checkpoint write of this job, recorded after the hang: not the hang.
+        {"job": {"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "2"}, "event": "checkpoint_failed"},
     ]
     (tmp_path / "faults.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     record = requeue.last_fault(tmp_path)
@@ -150,6 +153,9 @@ def test_requeue_after_a_hang_reads_this_jobs_fault_record(monkeypatch, tmp_path
     assert "requeued 2 times (launch.max_requeues=2)" in err
     assert requeue.main(["--exit-code", "137", *args]) == 1
     assert "a rank was killed (srun exit status 137)" in capsys.readouterr().err
+    # A storage fault is passed on, not requeued: the same disk would fail the same way.
+    assert requeue.main(["--exit-code", "5", *args]) == 5
+    assert "a checkpoint could not be written" in capsys.readouterr().err
 
 
 def test_requeue_limit_stops_with_the_reason(monkeypatch):

@@ -1,8 +1,10 @@
-"""Fixtures for trainer tests: digit shards (scikit-learn's handwritten digits, real images)
-and a helper that runs `mmdit-train` as a real multi-process DeepSpeed job."""
+"""Fixtures for trainer tests: digit shards (scikit-learn's handwritten digits, real images),
+a helper that runs `mmdit-train` as a real multi-process DeepSpeed job, and the
+uninterrupted reference job the fault tests compare their per-step losses with."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -11,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from data_pipeline.demo_data import DIGIT_WORDS, render_digit
 from mmdit.distributed import free_ports
@@ -101,3 +104,78 @@ def read_metrics(run_dir: Path) -> dict[int, dict]:
             row = json.loads(line)
             out[row["step"]] = row
     return out
+
+
+# The job the fault tests break: 2 ranks, bf16 (deterministic on the CPU), 6 steps, a
+# checkpoint every 2. The faults.* settings a test adds do not change its numbers.
+REFERENCE_STEPS = 6
+REFERENCE_SETTINGS = {
+    "train.max_steps": REFERENCE_STEPS,
+    "train.checkpoint_every": 2,
+    "train.precision": "bf16",
+}
+
+
+def reference_args(run_dir: Path, shards: Path, components: Path, **extra) -> list[str]:
+    settings = {**REFERENCE_SETTINGS, **extra}
+    return [
+        "--config",
+        "configs/debug_cpu.yaml",
+        *train_overrides(run_dir, shards, components, **settings),
+    ]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Per-step losses from metrics.jsonl (fault records, which have none, are left out)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        if line.strip() and "loss" in (row := json.loads(line)):
+            out[row["step"]] = row["loss"]
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, digit_shards, tiny_components) -> Path:
+    """The run directory of the reference job, run without a fault once per session."""
+    run_dir = tmp_path_factory.mktemp("faults_reference") / "run"
+    result = run_training(2, reference_args(run_dir, digit_shards, tiny_components), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def reference_losses(reference_run) -> dict[int, float]:
+    found = losses(reference_run)
+    assert sorted(found) == list(range(1, REFERENCE_STEPS + 1)), found
+    return found
+
+
+@contextlib.contextmanager
+def small_tmpfs(mount_point: Path, size: int):
+    """A tmpfs of `size` bytes at `mount_point` (a disk that fills up for real), unmounted
+    afterwards; the test is skipped, saying why, where it cannot be mounted (not root)."""
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode:
+        pytest.skip(
+            f"cannot mount a tmpfs at {mount_point} ({mounted.stderr.strip()}): the full-disk "
+            "tests need root or CAP_SYS_ADMIN"
+        )
+    try:
+        yield mount_point
+    finally:
+        if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(directory: Path, leave: int = 0) -> Path:
+    """A filler file that takes all but `leave` bytes of the file system's free space."""
+    stat = os.statvfs(directory)
+    filler = directory / "filler"
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, max(stat.f_bavail * stat.f_frsize - leave, 1))
+    return filler

@@ -23,16 +23,18 @@ import pytest
 from mmdit.distributed import free_ports
 from tests.training.conftest import (
     INSTRUMENTED,
+    REFERENCE_STEPS,
     REPO,
+    losses,
     read_metrics,
+    reference_args,
     run_training,
-    train_overrides,
 )
 from training.watchdog import EXIT_HUNG, FAULTS_FILE
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(900)]
 
-STEPS = 6
+STEPS = REFERENCE_STEPS  # the reference job (tests/training/conftest.py), with faults
 LIMIT_S = 10  # every section's limit here; the steps of this model take well under 1 s
 # After the limit: two heartbeat periods to find the stuck rank, the report, torchrun's
 # teardown. Bounded, and far below the process group's own timeout (3600 s).
@@ -43,33 +45,13 @@ SHM, SHM_BUFFERS = Path("/dev/shm"), "deepspeed_allreduce_buffer_*"  # training.
 
 def _args(run_dir, digit_shards, tiny_components, **extra) -> list[str]:
     settings = {
-        "train.max_steps": STEPS,
-        "train.checkpoint_every": 2,
-        "train.precision": "bf16",
         "faults.step_timeout_s": LIMIT_S,
         "faults.checkpoint_timeout_s": LIMIT_S,
         "faults.eval_timeout_s": LIMIT_S,
         "faults.heartbeat_s": 1,
         **extra,
     }
-    return [
-        "--config",
-        "configs/debug_cpu.yaml",
-        *train_overrides(run_dir, digit_shards, tiny_components, **settings),
-    ]
-
-
-@pytest.fixture(scope="module")
-def reference_losses(tmp_path_factory, digit_shards, tiny_components) -> dict[int, float]:
-    """Per-step losses of the same job without a fault."""
-    run_dir = tmp_path_factory.mktemp("faults_reference") / "run"
-    result = run_training(2, _args(run_dir, digit_shards, tiny_components), timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return _losses(run_dir)
-
-
-def _losses(run_dir) -> dict[int, float]:
-    return {step: row["loss"] for step, row in read_metrics(run_dir).items() if "loss" in row}
+    return reference_args(run_dir, digit_shards, tiny_components, **settings)
 
 
 def _run_ranks_as_srun_does(args, instruments: dict, timeout: float) -> subprocess.CompletedProcess:
@@ -186,7 +168,7 @@ def test_a_rank_stopped_in_a_step_is_named_and_the_rerun_resumes(
     pid = int(re.search(r"rank 1 on \S+ \(pid (\d+)\)", line).group(1))
     assert not os.path.exists(f"/proc/{pid}")
     assert _resumed_from(stderr) == 2  # the step-4 checkpoint was never written
-    assert _losses(run_dir) == reference_losses  # bf16 on the CPU is deterministic
+    assert losses(run_dir) == reference_losses  # bf16 on the CPU is deterministic
 
 
 def test_a_rank_stopped_while_saving_leaves_the_previous_checkpoint_to_resume_from(
@@ -200,7 +182,7 @@ def test_a_rank_stopped_while_saving_leaves_the_previous_checkpoint_to_resume_fr
     assert _resumed_from(stderr) == 2  # the half-written step-4 checkpoint is not used
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert f"step_{STEPS:08d}" in checkpoints
-    assert _losses(run_dir) == reference_losses
+    assert losses(run_dir) == reference_losses
 
 
 def test_rank_0_stopped_in_validation_is_reported_by_rank_1(

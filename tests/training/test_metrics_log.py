@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.training.conftest import fill, small_tmpfs
 from training.metrics_log import METRICS_FILE, MetricsLogger, flatten
 
 
@@ -136,3 +137,23 @@ def test_console_line_tolerates_missing_keys_and_smooths_the_rate():
 
 def test_flatten_names_nested_metrics_with_slashes():
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a/b": 1, "a/c/d": 2, "e": 3}
+
+
+# TensorBoard's writer thread re-raises the disk's error when it dies: expected here.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_full_disk_loses_metrics_lines_but_never_ends_the_run(tmp_path, capsys):
+    with small_tmpfs(tmp_path / "mnt", 1 << 20) as mnt:
+        log = MetricsLogger(mnt / "run", is_writer=True, max_steps=100)
+        log.log(1, {"loss": 1.0})
+        filler = fill(mnt)
+        for step in range(2, 200):  # past the file buffer and TensorBoard's writer thread
+            log.log(step, {"loss": 1.0 / step, "big": {f"bin{i}": 0.5 for i in range(50)}})
+        log.close()
+        err = capsys.readouterr().err
+        assert err.count("warning: ") == 1 and "No space left on device" in err, err
+        steps = [r["step"] for r in read_jsonl(mnt / "run")]  # whole lines only, none torn
+        assert steps == list(range(1, len(steps) + 1)) and len(steps) < 199, steps
+        filler.unlink()
+        with MetricsLogger(mnt / "run", is_writer=True, max_steps=100, resume_step=199) as log:
+            log.log(200, {"loss": 0.1})  # space again: the file goes on, still whole lines
+        assert read_jsonl(mnt / "run")[-1]["step"] == 200
