@@ -134,12 +134,22 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
+# The reference job's ranks are slow in different ways, which the straggler report must tell
+# apart (tests/training/test_stragglers.py): rank 1's device (0.05 s in each block's forward)
+# and rank 0's loader (0.3 s for each batch). Sleeping changes no number.
+REFERENCE_SLOW = {"MMDIT_TEST_SLOW": "compute:1:0.05,data:0:0.3"}
+REFERENCE_STDERR = "stderr.txt"  # beside the run directory
+
+
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory, digit_shards, tiny_components) -> Path:
-    """The run directory of the reference job, run without a fault once per session."""
+    """The run directory of the reference job, run without a fault once per session; its
+    stderr is in RUN/../stderr.txt."""
     run_dir = tmp_path_factory.mktemp("faults_reference") / "run"
-    result = run_training(2, reference_args(run_dir, digit_shards, tiny_components), timeout=600)
+    args = reference_args(run_dir, digit_shards, tiny_components)
+    result = run_training(2, args, instruments=REFERENCE_SLOW, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir.parent / REFERENCE_STDERR).write_text(result.stderr)
     return run_dir
 
 

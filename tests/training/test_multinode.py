@@ -18,32 +18,17 @@ import pytest
 from mmdit.distributed import free_ports
 from tests.training.conftest import (
     INSTRUMENTED,
+    REFERENCE_STEPS,
     REPO,
+    losses,
     read_metrics,
+    reference_args,
     run_training,
-    train_overrides,
 )
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(900)]
 
-STEPS, FIRST_PART = 6, 4
-
-
-def _args(run_dir, digit_shards, tiny_components, max_steps: int) -> list[str]:
-    settings = {
-        "train.max_steps": max_steps,
-        "train.checkpoint_every": 2,
-        "train.precision": "bf16",
-    }
-    return [
-        "--config",
-        "configs/debug_cpu.yaml",
-        *train_overrides(run_dir, digit_shards, tiny_components, **settings),
-    ]
-
-
-def _losses(run_dir) -> dict[int, float]:
-    return {step: row["loss"] for step, row in read_metrics(run_dir).items() if "loss" in row}
+FIRST_PART = 4  # steps on two nodes; the rest of the reference job's steps on one
 
 
 def run_two_nodes(args: list[str], timeout: float = 600) -> list[subprocess.CompletedProcess]:
@@ -81,14 +66,11 @@ def run_two_nodes(args: list[str], timeout: float = 600) -> list[subprocess.Comp
 
 
 def test_two_nodes_train_and_the_run_resumes_on_one_node_on_the_same_curve(
-    tmp_path, digit_shards, tiny_components
+    tmp_path, digit_shards, tiny_components, reference_losses
 ):
-    reference = tmp_path / "one_node"
-    result = run_training(2, _args(reference, digit_shards, tiny_components, STEPS), timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-
     run_dir = tmp_path / "two_nodes"
-    agents = run_two_nodes(_args(run_dir, digit_shards, tiny_components, FIRST_PART))
+    first = {"train.max_steps": FIRST_PART}
+    agents = run_two_nodes(reference_args(run_dir, digit_shards, tiny_components, **first))
     for agent in agents:
         assert agent.returncode == 0, agent.stderr[-3000:]
     stderr = "\n".join(a.stderr for a in agents)
@@ -96,7 +78,8 @@ def test_two_nodes_train_and_the_run_resumes_on_one_node_on_the_same_curve(
     assert "world 2 x micro 2 x accumulation 1" in stderr, stderr[-3000:]
     assert max(read_metrics(run_dir)) == FIRST_PART
 
-    again = run_training(2, _args(run_dir, digit_shards, tiny_components, STEPS), timeout=600)
+    again = run_training(2, reference_args(run_dir, digit_shards, tiny_components), timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"checkpoints/step_{FIRST_PART:08d}" in again.stderr  # resumed, not restarted
-    assert _losses(run_dir) == _losses(reference)
+    assert sorted(losses(run_dir)) == list(range(1, REFERENCE_STEPS + 1))
+    assert losses(run_dir) == reference_losses  # the reference job: one node, 2 ranks

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.training.conftest import read_metrics, run_training, train_overrides
+from tests.training.conftest import REFERENCE_STDERR, REFERENCE_STEPS, read_metrics
 from training.stragglers import DATA_WAIT_FLOOR, BlockTimer, StragglerReport, slowest
 
 
@@ -110,43 +110,23 @@ def test_the_block_timer_leaves_out_what_earlier_pre_hooks_wait_for():
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_a_2_rank_job_names_the_slow_device_and_the_slow_loader(
-    tmp_path, digit_shards, tiny_components
-):
-    run_dir = tmp_path / "run"
-    steps, windows = 6, 3
-    args = [
-        "--config",
-        "configs/debug_cpu.yaml",
-        *train_overrides(
-            run_dir,
-            digit_shards,
-            tiny_components,
-            **{
-                "train.max_steps": steps,
-                "train.checkpoint_every": steps,
-                "train.precision": "bf16",
-                "faults.straggler_windows": windows,
-            },
-        ),
-    ]
-    # Rank 1's device is slow (0.05 s in each of its 2 blocks' forward); rank 0 waits 0.3 s for
-    # every batch. Both ranks still take the same wall time per step.
-    slow = {"MMDIT_TEST_SLOW": "compute:1:0.05,data:0:0.3"}
-    result = run_training(2, args, instruments=slow, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_a_2_rank_job_names_the_slow_device_and_the_slow_loader(reference_run):
+    """The shared reference job (tests/training/conftest.py): rank 1's device is slow (0.05 s
+    in each of its 2 blocks' forward), rank 0 waits 0.3 s for every batch; both ranks take the
+    same wall time per step. Default settings: factor 1.3, 3 windows."""
     host = socket.gethostname()
-    metrics = read_metrics(run_dir)
-    for step in range(1, steps + 1):
+    metrics = read_metrics(reference_run)
+    for step in range(1, REFERENCE_STEPS + 1):
         s = metrics[step]["stragglers"]
         assert (s["compute"]["slowest_rank"], s["compute"]["slowest_host"]) == (1, host)
         assert s["compute"]["slowest_s"] >= 0.1  # 2 blocks x 0.05 s, one micro batch
         assert s["compute"]["slowest_to_median"] > 1.3, s
         assert s["data_wait"]["slowest_rank"] == 0 and s["data_wait"]["slowest_s"] >= 0.3, s
-    # One warning per slow rank, once its lead has lasted `windows` log windows.
-    warnings = [x for x in result.stderr.splitlines() if "straggler: rank" in x]
+    # One warning per slow rank, once its lead has lasted 3 log windows.
+    stderr = (reference_run.parent / REFERENCE_STDERR).read_text()
+    warnings = [x for x in stderr.splitlines() if "straggler: rank" in x]
     assert len(warnings) == 2, "\n".join(warnings)
     compute = next(x for x in warnings if "block compute" in x)
     data = next(x for x in warnings if "data wait" in x)
-    assert f"rank 1 on {host} has had" in compute and f"for {windows} log windows" in compute
+    assert f"rank 1 on {host} has had" in compute and "for 3 log windows" in compute
     assert f"rank 0 on {host} has had" in data
