@@ -53,6 +53,13 @@ class TrainConfig:
     logit_std: float = 1.0
     mode_scale: float = 1.29
     loss_weighting: Literal["none", "cosmap"] = "none"
+    # Train-time timestep shift (SD3 sec. 5.3.2): every drawn sigma goes through
+    # alpha s / (1 + (alpha - 1) s), which moves training towards the noise end. alpha = shift
+    # (1 = none); with shift_base_resolution > 0 it is SD3's per-bucket rule
+    # alpha = shift * sqrt(h * w) / shift_base_resolution (h x w = the micro batch's bucket in
+    # pixels). Sampling (eval.shift: 0), previews and the sigma bins of the loss log follow it.
+    shift: float = 1.0
+    shift_base_resolution: int = 0
     # Per-encoder text dropout for classifier-free guidance (all three together ~10%).
     text_dropout: float = 0.463
     ema_decay: float = 0.9999
@@ -104,6 +111,13 @@ class TrainConfig:
             raise ValueError(
                 f"offload_params needs zero_stage=3 (got {self.zero_stage}): only ZeRO-3 "
                 "partitions the weights; use offload_optimizer with stage 1 or 2"
+            )
+        if not self.shift > 0:
+            raise ValueError(f"train.shift={self.shift} must be > 0 (1 = no shift)")
+        if self.shift_base_resolution < 0:
+            raise ValueError(
+                f"train.shift_base_resolution={self.shift_base_resolution} must be >= 0 "
+                "(0 = the fixed train.shift; e.g. 256 for SD3's sqrt(h*w)/256 rule)"
             )
         if self.lr <= 0 or self.max_steps < 0 or self.warmup_steps < 0:
             raise ValueError("lr must be > 0; max_steps and warmup_steps must be >= 0")

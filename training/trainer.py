@@ -42,6 +42,7 @@ from data_pipeline.bad_samples import REASONS
 from data_pipeline.loader import reshard_state
 from mmdit import distributed, flow
 from mmdit.conditioning import conditioning_identity
+from mmdit.conditioning.vae import SPATIAL_FACTOR
 from mmdit.flops import approx_train_flops_per_sample, mfu, peak_bf16_flops
 from mmdit.model import JointBlock, MMDiT
 from mmdit.typed_config import dumps_yaml, to_dict
@@ -408,8 +409,13 @@ class Trainer:
         return applied
 
     def compute_loss(self, x0, context, pooled, generator):
-        """Per-sample rectified-flow loss and sigma (B,), fp32. A seam for fault injection."""
+        """Per-sample rectified-flow loss and sigma (B,), fp32. A seam for fault injection.
+
+        The returned sigma is the shifted one the model saw, so the loss log's sigma bins
+        describe the density actually trained on."""
         t = self.train
+        # Latent side x the VAE factor = the bucket in pixels; shapes only, no device sync.
+        h, w = x0.shape[-2] * SPATIAL_FACTOR, x0.shape[-1] * SPATIAL_FACTOR
         return flow.training_loss(
             self._model_fn,
             x0,
@@ -421,6 +427,7 @@ class Trainer:
             logit_std=t.logit_std,
             mode_scale=t.mode_scale,
             weighting=t.loss_weighting,
+            shift=flow.resolution_shift(t.shift, t.shift_base_resolution, h, w),
         )
 
     def _count_work(self, x0: torch.Tensor, context: torch.Tensor) -> None:

@@ -223,7 +223,9 @@ def test_missing_inception_weights_fail_before_generating(
 def test_sample_grid_directory_and_exported_weights_agree(trained_run, tiny_components, tmp_path):
     from training.export import main as export_main
 
+    # Exported weights carry no run config (so sample with SD3's shift 3): the same here.
     common = ["--components", str(tiny_components), "--steps", "3", "--seed", "5"]
+    common += ["--shift", "3.0"]
     prompts = ["--prompt", "a handwritten digit one", "--prompt", "a handwritten digit two"]
     grid = tmp_path / "grid.png"
     ckpt = ["--checkpoint", str(trained_run), "--ema"]
