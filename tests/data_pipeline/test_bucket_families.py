@@ -103,3 +103,52 @@ def test_mixed_batches_have_their_familys_size_and_resume_exactly(shard_dir, num
     other = build_loader(config(shard_dir, resolution=48), 0, 1, batch_size=3)
     with pytest.raises(ValueError, match="data.resolutions"):
         other.load_state_dict(state)
+
+
+def _latent_cache(root, buckets_px: list[tuple[int, int]]) -> None:
+    """One cache shard whose sample i sits in buckets_px[i] (pixels), as mmdit-precompute
+    writes them (bucket in the json, latents of bucket / 8)."""
+    import io
+    import tarfile
+
+    from data_pipeline.cache_format import CacheInfo, CacheLayout, encode_tensors
+
+    layout = CacheLayout(clip_length=77, clip_l_dim=32, clip_g_dim=40, t5_length=4, pooled_l_dim=8)
+    CacheInfo(identity={"t5": True}, layout=layout).save(root)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i, (h, w) in enumerate(buckets_px):
+            key = f"{i:04d}"
+            tensors = {
+                "mean": torch.full((16, h // 8, w // 8), float(i), dtype=torch.bfloat16),
+                "logvar": torch.zeros(16, h // 8, w // 8, dtype=torch.bfloat16),
+                "context": torch.zeros(81, 8, dtype=torch.bfloat16),
+                "pooled": torch.zeros(8, dtype=torch.bfloat16),
+            }
+            meta = {"caption": key, "bucket": [h, w], "crop_top_left": [0, 0]}
+            meta["original_size"] = [h, w]
+            for name, data in (
+                (f"{key}.safetensors", encode_tensors(tensors)),
+                (f"{key}.json", json.dumps(meta).encode()),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (root / "000000.tar").write_bytes(buf.getvalue())
+
+
+def test_a_multi_resolution_cache_batches_each_family_at_its_size(tmp_path):
+    _latent_cache(tmp_path, [(32, 32), (48, 48)] * 6)
+    cfg = DataConfig(
+        cache_shards=str(tmp_path), resolution=32, resolutions=(32, 48), num_workers=0,
+        shuffle_buffer=1, max_bad_fraction=1.0,
+    )  # fmt: skip
+    sizes = {
+        tuple(b["bucket"]): b["mean"].shape[0]
+        for b in take(build_loader(cfg, 0, 1, batch_size=4), 4)
+    }
+    assert sizes == {(32, 32): 4, (48, 48): 1}  # 4 x (32/48)**2 = 1.8 -> 1
+    # A cache sample in a bucket of no family: one line naming the fix.
+    _latent_cache(tmp_path, [(64, 64)])
+    with pytest.raises(ValueError, match="precompute the cache with this run's data section"):
+        take(build_loader(cfg, 0, 1, batch_size=4), 1)
