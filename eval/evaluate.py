@@ -164,6 +164,10 @@ def metric_settings(settings: Mapping, metric: str) -> dict:
     if metric == "val_loss":
         keys = ("val_shards", "val_samples", "sigma_bins", "noise_seed")
         data = {k: settings["data"][k] for k in ("resolution", "max_aspect_ratio", "caption")}
+        # Bucket families change which bucket (so which crop) a held-out image gets; only
+        # multi-resolution runs add the key, so existing settings ids stay as they were.
+        if settings["data"].get("resolutions"):
+            data["resolutions"] = list(settings["data"]["resolutions"])
         return {**{k: settings[k] for k in keys}, "data": data}
     keys = ("fid_samples", "fid_reference", "fid_prompts", "fid_size", "seed", "steps", "cfg")
     out = {k: settings[k] for k in (*keys, "shift")}
