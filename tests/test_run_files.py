@@ -81,7 +81,8 @@ def test_run_file_trains_two_steps_on_two_ranks(
         "eval.val_shards": (cache if cached else digit_shards) if shipped.eval.val_shards else "",
     }
     overrides = [*rung, *(f"{k}={v}" for k, v in {**SIZES, **places}.items())]
-    result = run_training(2, ["--config", str(base), *overrides], timeout=600)
+    runs = len(load_stages(base, overrides)) if stages else 1
+    result = run_training(2, ["--config", str(base), *overrides], timeout=600 * runs)
     assert result.returncode == 0, result.stderr[-4000:]
 
     # Every stage of a chain trains, in its own directory (the next from the one before).

@@ -63,7 +63,7 @@ def _assert_equal_weights(got: dict, want: dict) -> None:
 @pytest.fixture(scope="module")
 def source(tmp_path_factory, digit_shards, tiny_components) -> Path:
     run_dir = tmp_path_factory.mktemp("init_source") / "run"
-    _ok(run_training(2, _args(run_dir, digit_shards, tiny_components)))
+    _ok(run_training(2, _args(run_dir, digit_shards, tiny_components), timeout=900))
     return run_dir
 
 
@@ -78,7 +78,7 @@ def from_ema(tmp_path_factory, source, digit_shards, tiny_components) -> tuple[P
         tiny_components,
         **{"train.max_steps": 1, "train.checkpoint_every": 1, "train.init_from": source},
     )
-    _ok(run_training(2, args, instruments={"MMDIT_TEST_DUMP_DIR": str(dumps)}))
+    _ok(run_training(2, args, instruments={"MMDIT_TEST_DUMP_DIR": str(dumps)}, timeout=900))
     return run_dir, dumps
 
 
@@ -116,7 +116,7 @@ def test_resume_uses_the_runs_own_checkpoint_and_ignores_init_from(
         tiny_components,
         **{"train.max_steps": 2, "train.checkpoint_every": 1, "train.init_from": "/gone/run"},
     )
-    resumed = _ok(run_training(2, args))
+    resumed = _ok(run_training(2, args, timeout=900))
     assert "train.init_from=/gone/run ignored: the run resumes from its own checkpoint" in (
         resumed.stderr
     )
@@ -136,7 +136,7 @@ def test_raw_weights_of_a_step_into_a_larger_sample_size_rebuild_the_position_ta
         "data.resolution": 64,
     }
     args = _args(run_dir, digit_shards, tiny_components, **overrides)
-    _ok(run_training(2, args, instruments={"MMDIT_TEST_DUMP_DIR": str(dumps)}))
+    _ok(run_training(2, args, instruments={"MMDIT_TEST_DUMP_DIR": str(dumps)}, timeout=900))
     src = zero_state_dict(_step_dir(source, 2))
     _assert_equal_weights(load_file(str(dumps / "weights_0.safetensors")), src)
     assert read_metrics(run_dir)[0]["weights"] == "raw"
@@ -156,7 +156,7 @@ def test_another_architecture_fails_before_training_with_one_line(
         tiny_components,
         **{"model.depth": 3, "train.init_from": source},
     )
-    failed = run_training(1, args)
+    failed = run_training(1, args, timeout=900)
     assert failed.returncode == 2
     (line,) = [x for x in failed.stderr.splitlines() if "train.init_from=" in x]
     assert "model.depth=2 (this run 3)" in line and "model.hidden_size=128 (this run 192)" in line
@@ -197,7 +197,7 @@ def test_a_diffusers_folder_gives_the_first_step_loss_of_diffusers_model(
         "train.init_from": tmp_path / "diffusers",
     }
     args = _args(run_dir, digit_shards, tiny_components, **overrides)
-    _ok(run_training(2, args, instruments={"MMDIT_TEST_DUMP_LOSS_INPUTS": str(dumps)}))
+    _ok(run_training(2, args, instruments={"MMDIT_TEST_DUMP_LOSS_INPUTS": str(dumps)}, timeout=900))
     assert read_metrics(run_dir)[0]["kind"] == "diffusers"
 
     def diffusers_fn(x, sigma, context, pooled):
