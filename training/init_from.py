@@ -6,7 +6,10 @@ newest published checkpoint) or `RUN:STEP`, a checkpoint directory, a diffusers
 `SD3Transformer2DModel` folder, an SD3/SD3.5 single file, an `mmdit-export` file. For runs and
 checkpoints `train.init_weights` picks the EMA (default) or the trained ("raw") weights.
 
-Rank 0 alone reads the source (one fp32 copy in its CPU memory; the other ranks read nothing).
+Rank 0 alone reads the source, whole, into its CPU memory (one fp32 copy: 4 bytes per
+parameter, 8.1 GB for d24 and 32 GB for d38, released once loaded; a raw ZeRO checkpoint goes
+through DeepSpeed's consolidation first); the other ranks read nothing and no GPU holds more
+than its own shard.
 The weights reach the model in two places, both needed for an exact start under mixed
 precision:
 1. before `deepspeed.initialize`, the module's (possibly bf16) parameters, one top-level part
