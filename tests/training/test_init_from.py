@@ -239,3 +239,16 @@ def test_single_file_and_mmdit_export_sources_read_the_same_weights(tmp_path, so
         hashes.add(record["hash"])
     _, from_run = init_from._read(f"{source}:{SOURCE_STEPS}", "raw", run)
     assert hashes == {from_run["hash"]}
+
+
+def test_zero_2_starts_from_the_same_weights(tmp_path, source, digit_shards, tiny_components):
+    """ZeRO-1/2 replicate the module: rank 0 fills it and deepspeed.initialize broadcasts it;
+    each rank's piece of the flat fp32 master weights is then set from the source. Read back
+    from the step-0 checkpoint: the master weights (DeepSpeed's shards) and the EMA."""
+    run_dir = tmp_path / "run"
+    overrides = {"train.max_steps": 0, "train.zero_stage": 2, "train.init_from": source}
+    _ok(run_training(2, _args(run_dir, digit_shards, tiny_components, **overrides), timeout=900))
+    src = ema_state_dict(_step_dir(source, SOURCE_STEPS))
+    master = zero_state_dict(_step_dir(run_dir, 0))
+    _assert_equal_weights({k: v for k, v in master.items() if k != "pos_embed"}, src)
+    _assert_equal_weights(ema_state_dict(_step_dir(run_dir, 0)), src)
