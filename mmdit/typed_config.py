@@ -327,14 +327,31 @@ def apply_overrides(cls: type, data: Mapping, overrides: Sequence[str]) -> dict:
             value: Any = raw  # a path or name stays verbatim, even if it looks like a number
         else:
             value = parse_yaml(raw, f"override '{override}'")
-        node = out
-        for part in parts[:-1]:
-            child = node.get(part)
-            child = dict(child) if isinstance(child, Mapping) else {}
-            node[part] = child
-            node = child
-        node[parts[-1]] = value
+        _set_nested(out, parts, value)
     return out
+
+
+def apply_dotted(cls: type, data: Mapping, values: Mapping[str, Any], source: str) -> dict:
+    """Apply a mapping of dotted keys to already-parsed values (`{"train.lr": 3e-4}`, as a
+    YAML file writes them) to a raw dict; unknown keys fail like overrides do."""
+    out = dict(data)
+    for key, value in values.items():
+        parts = str(key).split(".")
+        if any(not p for p in parts):
+            raise ConfigError(f"{source}: '{key}' is not a dotted key such as train.lr")
+        _field_type(cls, parts, f"{source}: {key}")
+        _set_nested(out, parts, value)
+    return out
+
+
+def _set_nested(out: dict, parts: list[str], value: Any) -> None:
+    node = out
+    for part in parts[:-1]:
+        child = node.get(part)
+        child = dict(child) if isinstance(child, Mapping) else {}
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
 
 
 def load(

@@ -39,7 +39,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from eval.checkpoints import read_model_config
-from mmdit.typed_config import add_config_arguments, config_from_args, to_dict
+from mmdit.typed_config import ConfigError, add_config_arguments, config_from_args, to_dict
 from slurm.job_state import (
     JobStateTimeout,
     Observation,
@@ -301,12 +301,26 @@ def follow(job_id: str, timeout_s: float | None = None, poll_s: float = 2.0) -> 
     return 0
 
 
+def _run_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> RunConfig:
+    """The run file's config; for a chain of stages (training.stages), its last stage (the
+    largest resolution: the job's memory plan) with the chain's run directory. The job runs
+    the whole chain, and its requeued reruns skip the finished stages."""
+    from training.stages import chain_config, has_stages
+
+    try:
+        if has_stages(args.config):
+            return chain_config(args.config, args.overrides)
+    except ConfigError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    return config_from_args(RunConfig, args, parser)
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not args.config:
         parser.error("--config FILE is required (or --ladder FILE)")
     if args.wait and (args.dry_run or args.emit_sbatch):
         parser.error("--wait follows a submitted job; --dry-run and --emit-sbatch submit none")
-    config = config_from_args(RunConfig, args, parser)
+    config = _run_config(args, parser)
     if args.job in ("precompute", "eval") and not args.out:
         parser.error(f"--job {args.job} needs --out DIR (the cache / table directory)")
     if args.eval_args and args.job != "eval":

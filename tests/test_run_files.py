@@ -1,8 +1,9 @@
 """Every shipped run file trains: each `configs/**/*.yaml` (for a scaling ladder: its base with
 the overrides of its largest rung) is loaded, shrunk in size only, and trained for 2 steps on 2
 ranks with everything else as shipped (precision, ZeRO stage, checkpointing, attention,
-compile, optimizer, schedule, text dropout, validation). A run file that cannot run is a
-failing test here, not a promise in the README.
+compile, optimizer, schedule, text dropout, validation); a chain of stages trains every stage,
+each from the one before. A run file that cannot run is a failing test here, not a promise in
+the README.
 
 Shrunk: the model's depth and position grid, the resolution, the batch, the number of steps,
 data workers, shuffle buffer and validation samples. Replaced: paths (run directory, data,
@@ -20,6 +21,7 @@ from mmdit.typed_config import load
 from slurm.ladder import expand, load_ladder
 from tests.training.conftest import read_metrics, run_training
 from training.config import RunConfig
+from training.stages import chain_config, has_stages, load_stages
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -46,6 +48,8 @@ def test_every_run_file_is_covered():
         "configs/d24_256px.yaml",
         "configs/d24_512px.yaml",
         "configs/scaling/ladder_cluster.yaml",
+        "configs/sd3_recipe.yaml",
+        "configs/sd3_recipe_cpu.yaml",
     }
 
 
@@ -64,7 +68,9 @@ def test_run_file_trains_two_steps_on_two_ranks(
     path, tmp_path, digit_shards, digit_cache, tiny_components
 ):
     base, rung = _as_shipped(path)
-    shipped = load(RunConfig, base, rung)
+    stages = has_stages(base)
+    # A chain of stages: its last stage (the largest resolution) decides the data source.
+    shipped = chain_config(base, rung) if stages else load(RunConfig, base, rung)
     cached = bool(shipped.data.cache_shards)
     cache = f"{digit_cache}/{{000000..000007}}.tar"
     places = {
@@ -75,16 +81,24 @@ def test_run_file_trains_two_steps_on_two_ranks(
         "eval.val_shards": (cache if cached else digit_shards) if shipped.eval.val_shards else "",
     }
     overrides = [*rung, *(f"{k}={v}" for k, v in {**SIZES, **places}.items())]
-    result = run_training(2, ["--config", str(base), *overrides], timeout=600)
+    runs = len(load_stages(base, overrides)) if stages else 1
+    result = run_training(2, ["--config", str(base), *overrides], timeout=600 * runs)
     assert result.returncode == 0, result.stderr[-4000:]
 
-    metrics = read_metrics(tmp_path / "run")
-    assert max(metrics) == 2 and 0 < metrics[2]["loss"] < 100
-    if shipped.eval.val_every and shipped.eval.val_shards:
-        assert "val_loss" in metrics[0]  # the step-0 validation of the EMA ran
-    # What trained is the shipped file with only these overrides (sizes derived from them,
-    # such as the hidden size from the depth, follow).
-    (checkpoint,) = (tmp_path / "run" / "checkpoints").glob("step_*")
-    assert load(RunConfig, checkpoint / "config.yaml") == load(RunConfig, base, overrides)
+    # Every stage of a chain trains, in its own directory (the next from the one before).
+    runs = (
+        [(s.run_dir, s.config) for s in load_stages(base, overrides)]
+        if stages
+        else [(tmp_path / "run", load(RunConfig, base, overrides))]
+    )
+    for run_dir, config in runs:
+        metrics = read_metrics(run_dir)
+        assert max(metrics) == 2 and 0 < metrics[2]["loss"] < 100
+        if config.eval.val_every and config.eval.val_shards:
+            assert "val_loss" in metrics[0]  # the step-0 validation of the EMA ran
+        # What trained is the shipped file with only these overrides (sizes derived from
+        # them, such as the hidden size from the depth, follow).
+        (checkpoint,) = (run_dir / "checkpoints").glob("step_*")
+        assert load(RunConfig, checkpoint / "config.yaml") == config
     levers = f"levers: {shipped.train.precision}, ZeRO-{shipped.train.zero_stage}"
     assert levers in result.stderr

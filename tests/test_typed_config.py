@@ -23,6 +23,7 @@ from mmdit.typed_config import (
     to_dict,
 )
 from training.config import RunConfig
+from training.stages import has_stages, load_stages
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,9 +73,13 @@ def test_every_shipped_run_file_loads_and_round_trips(tmp_path):
     files = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "ladder" not in p.name)
     assert files, "configs/ holds no YAML run files"
     for path in files:
-        cfg = load(RunConfig, path)
-        assert load(RunConfig, save(cfg, tmp_path / "r.yaml")) == cfg, path
-        assert load(RunConfig, save(cfg, tmp_path / "r.json")) == cfg, path
+        # A chain of stages (training.stages) is one run config per stage.
+        configs = (
+            [s.config for s in load_stages(path)] if has_stages(path) else [load(RunConfig, path)]
+        )
+        for cfg in configs:
+            assert load(RunConfig, save(cfg, tmp_path / "r.yaml")) == cfg, path
+            assert load(RunConfig, save(cfg, tmp_path / "r.json")) == cfg, path
 
 
 def test_run_file_overrides_only_what_differs():

@@ -26,6 +26,14 @@ class TrainConfig:
     run_dir: str = "runs/debug"
     seed: int = 0
     max_steps: int = 1000
+    # Weights-only start (training.init_from): "" = random init; else a run RUN (its newest
+    # checkpoint) or RUN:STEP, a checkpoint directory, a diffusers SD3Transformer2DModel
+    # folder, an SD3/SD3.5 single file or an mmdit-export .safetensors file. The run starts at
+    # step 0 with fresh optimizer and data state; once the run has a checkpoint of its own it
+    # resumes from that and this key is ignored. init_weights picks a run's EMA or trained
+    # ("raw") weights; exported files hold one set of weights.
+    init_from: str = ""
+    init_weights: Literal["ema", "raw"] = "ema"
     # Global batch = micro_batch_size x gradient accumulation x world size; 0 means no
     # accumulation. Kept fixed when a run resumes on a different world size. With several
     # data.resolutions both count samples of the smallest one: a step is still accumulation

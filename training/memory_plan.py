@@ -4,6 +4,7 @@
     mmdit-plan --config configs/d24_256px.yaml --gpu h200           # another card
     mmdit-plan --config configs/d24_512px.yaml launch.nodes=2 train.micro_batch_size=16
     mmdit-plan --config configs/d24_512px.yaml --json               # for machines
+    mmdit-plan --config configs/sd3_recipe.yaml                     # every stage of a chain
 
 Exit status 0 when the run fits, 2 when it does not: then one line says what to change (the
 micro batch, the checkpointing mode, the ZeRO stage or offload, more GPUs). Usage and config
@@ -61,7 +62,7 @@ from typing import Any
 from data_pipeline.buckets import bucket_families, micro_batch_for
 from mmdit.flops import block_param_counts, largest_block_params, param_counts
 from mmdit.model import MMDiTConfig
-from mmdit.typed_config import add_config_arguments, config_from_args
+from mmdit.typed_config import ConfigError, add_config_arguments, config_from_args
 from training.config import RunConfig
 from training.ds_config import accumulation_steps, zero_section
 
@@ -739,14 +740,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.gpu_memory is not None and args.gpu_memory <= 0:
         parser.error(f"--gpu-memory {args.gpu_memory:g}: must be > 0 (GiB of one GPU)")
-    config = config_from_args(RunConfig, args, parser)
-    try:
-        accumulation_steps(config.train, config.launch.nodes * config.launch.gpus_per_node)
-    except ValueError as e:
-        parser.exit(2, f"{parser.prog}: error: {args.config}: {e}\n")
-    result = plan(config, gpu_memory_gb=args.gpu_memory, gpu=args.gpu, config_name=args.config)
-    print(json.dumps(result.to_dict(), indent=1) if args.json else result.render())
-    return 0 if result.fits else 2
+    from training.stages import has_stages, load_stages
+
+    try:  # a chain of stages (training.stages) is planned stage by stage
+        stages = load_stages(args.config, args.overrides) if has_stages(args.config) else None
+    except ConfigError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    if stages:
+        runs = [(f"{args.config} stage {s.name}", s.config) for s in stages]
+    else:
+        runs = [(args.config, config_from_args(RunConfig, args, parser))]
+    results = {}
+    for name, config in runs:
+        try:
+            accumulation_steps(config.train, config.launch.nodes * config.launch.gpus_per_node)
+        except ValueError as e:
+            parser.exit(2, f"{parser.prog}: error: {name}: {e}\n")
+        results[name] = plan(config, gpu_memory_gb=args.gpu_memory, gpu=args.gpu, config_name=name)
+    if args.json:
+        dicts = {n: r.to_dict() for n, r in results.items()}
+        print(json.dumps(dicts if stages else dicts[args.config], indent=1))
+    else:
+        print("\n\n".join(r.render() for r in results.values()))
+    return 0 if all(r.fits for r in results.values()) else 2
 
 
 if __name__ == "__main__":

@@ -5,6 +5,14 @@
     deepspeed --num_gpus 8 -m training.train --config configs/d24_512px.yaml
     srun mmdit-train --config configs/d24_512px.yaml train.run_dir=/runs/d24   # in sbatch
 
+A run file with a top-level `stages:` list trains its stages in order, each in
+TRAIN.RUN_DIR/NAME and starting from the previous stage's final weights (training.stages);
+rerunning the command skips finished stages and resumes the current one.
+
+Start from existing weights (weights only; step 0, fresh optimizer and data state) with
+train.init_from=RUN, RUN:STEP, a diffusers SD3Transformer2DModel folder, an SD3/SD3.5 single
+file or an mmdit-export file (train.init_weights=ema|raw for runs; default ema).
+
 The same command resumes: on start, the run continues from the newest intact checkpoint in
 train.run_dir by itself (a damaged one is skipped for the one before). Resuming on another
 number of ranks is supported when train.global_batch_size is set (DeepSpeed universal
@@ -31,7 +39,7 @@ import logging
 import os
 import sys
 
-from mmdit.typed_config import add_config_arguments, config_from_args
+from mmdit.typed_config import ConfigError, add_config_arguments, config_from_args
 from training.config import RunConfig
 
 
@@ -61,7 +69,13 @@ def main(argv: list[str] | None = None, *, on_fault=None) -> int:
     hang, before the exit (slurm.tasks uses it to requeue)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    config = config_from_args(RunConfig, args, parser)
+    from training.stages import has_stages, load_stages, run_stages
+
+    try:
+        stages = load_stages(args.config, args.overrides) if has_stages(args.config) else None
+    except ConfigError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    config = None if stages else config_from_args(RunConfig, args, parser)
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     logging.basicConfig(
         level=getattr(logging, args.log_level),
@@ -69,9 +83,15 @@ def main(argv: list[str] | None = None, *, on_fault=None) -> int:
         stream=sys.stderr,
     )
     # Imported after parsing so `--help` is instant and config errors come before DeepSpeed.
+    from training.init_from import InitFromError
     from training.trainer import StopFlag, Trainer
 
-    trainer = Trainer(config, stop_flag=StopFlag(), on_fault=on_fault)
+    try:
+        if stages:
+            return run_stages(stages, stop_flag=StopFlag(), on_fault=on_fault)
+        trainer = Trainer(config, stop_flag=StopFlag(), on_fault=on_fault)
+    except InitFromError as e:  # raised on every rank together, before training
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     return trainer.fit()
 
 

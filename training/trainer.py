@@ -46,7 +46,7 @@ from mmdit.conditioning.vae import SPATIAL_FACTOR
 from mmdit.flops import approx_train_flops_per_sample, mfu, peak_bf16_flops
 from mmdit.model import JointBlock, MMDiT
 from mmdit.typed_config import dumps_yaml, to_dict
-from training import launch
+from training import init_from, launch
 from training.checkpoint import DS_TAG, Checkpoint, CheckpointManager, CheckpointWriteError
 from training.config import RunConfig
 from training.ds_config import accumulation_steps, deepspeed_config
@@ -156,6 +156,7 @@ class Trainer:
         self.watchdog = self._start_watchdog()
         self.checkpoints.remove_stale_temporaries()
         self.resume_from = self.checkpoints.find_resumable()
+        self.init_source = self._read_init_source()
         self._build_engine()
         self._build_data()
         self.step = 0
@@ -175,6 +176,8 @@ class Trainer:
             run_name=self.run_dir.name,
             config=to_dict(self.config),
         )
+        if self.init_source is not None:
+            self.metrics.log(0, self.init_source.record)  # what this run started from
         self.validator = None
         if self.config.eval.val_every and self.config.eval.val_shards:
             from training.validation import Validator
@@ -210,6 +213,34 @@ class Trainer:
             on_fault=self.on_fault,
         ).start()
 
+    def _read_init_source(self) -> init_from.InitSource | None:
+        """train.init_from's weights (rank 0 reads them), unless the run resumes: its own
+        checkpoint always wins, so a requeued job never starts over from the source."""
+        spec = self.train.init_from
+        if not spec:
+            return None
+        if self.resume_from is not None:
+            if self.rank == 0:
+                log.info(
+                    "train.init_from=%s ignored: the run resumes from its own checkpoint %s",
+                    spec,
+                    self.resume_from.path,
+                )
+            return None
+        source = init_from.read_source(spec, self.train.init_weights, self.config.model, self.rank)
+        if self.rank == 0:
+            r = source.record
+            log.info(
+                "initialising from %s (%s, %s weights, step %s, hash %s); optimizer, data and "
+                "step start fresh",
+                r["source"],
+                r["kind"],
+                r["weights"],
+                r["source_step"],
+                r["hash"],
+            )
+        return source
+
     def _build_engine(self) -> None:
         import deepspeed
 
@@ -230,6 +261,10 @@ class Trainer:
             model=model, optimizer=optimizer, config=self.ds_config
         )
         self.model_dtype = MODEL_DTYPES[t.precision]
+        if self.init_source is not None:  # exact fp32 values, before the EMA copies them
+            init_from.copy_into_master_weights(
+                self.engine, self.init_source, self.rank, self.world, self.device
+            )
         self.ema = ShardedEMA(
             self.engine.module.named_parameters(), t.ema_decay, self.rank, self.world
         )
@@ -254,7 +289,10 @@ class Trainer:
         if self.train.zero_stage < 3:
             model = MMDiT(cfg, initialize=False)  # replicated: every rank builds the same
             torch.manual_seed(seed)
-            model.initialize_weights()
+            if self.init_source is None:
+                model.initialize_weights()
+            else:
+                init_from.copy_into_module(model, self.init_source, self.rank, zero3=False)
             return model
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, remote_device=None):
             model = MMDiT(cfg, initialize=False)
@@ -262,7 +300,9 @@ class Trainer:
         # rank 0 and let DeepSpeed scatter the result (modifier_rank=0 broadcasts it). The
         # parts and their order are those of initialize_weights().
         torch.manual_seed(seed)
-        for part in model.weight_init_parts():
+        if self.init_source is not None:
+            init_from.copy_into_module(model, self.init_source, self.rank, zero3=True)
+        for part in model.weight_init_parts() if self.init_source is None else ():
             params = list(part.parameters())
             with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
                 if self.rank == 0:

@@ -6,7 +6,8 @@ product code):
 - MMDIT_TEST_DUMP_DIR=DIR: after initialisation and after every step, rank 0 writes the full
   fp32 master weights to DIR/weights_{step}.safetensors and whether the update was applied;
   every rank writes a hash of its local fp32 partitions to DIR/partitions_{step}_rank_{r}.txt.
-- MMDIT_TEST_KILL_AFTER_STEP=STEP: SIGKILL the whole job (kill -9) right after step STEP.
+- MMDIT_TEST_KILL_AFTER_STEP=STEP: SIGKILL the whole job (kill -9) right after step STEP;
+  STEP@NAME: only in the run whose directory is named NAME (a stage of a chain).
 - MMDIT_TEST_SIGNAL_AFTER_STEP=STEP: every rank sends itself SIGUSR2 right after step STEP
   (what Slurm's --signal=USR2@LEAD does before a time limit).
 - MMDIT_TEST_KILL_IN_SAVE_AT=STEP: SIGKILL the whole job while the checkpoint of STEP is being
@@ -18,6 +19,9 @@ product code):
 - MMDIT_TEST_SLOW="compute:RANK:SECONDS,data:RANK:SECONDS": rank RANK sleeps SECONDS in every
   transformer block's forward (a slow device) or before every batch it takes from its loader
   (a slow file system); either part may be left out.
+- MMDIT_TEST_DUMP_LOSS_INPUTS=DIR: every rank saves the inputs and outputs of its loss at
+  (0-based) step 0 (x0, context, pooled, the noise generator's state before the draws, the
+  per-sample loss and sigma) to DIR/loss_inputs_rank_{r}.pt, to recompute it with another model.
 - MMDIT_TEST_COUNT_SYNCS=DIR: count the calls that make the host wait for the device
   (Tensor.item/tolist/cpu/numpy/__bool__/__float__/__int__, torch.cuda.synchronize) made
   inside each optimizer step (Trainer.train_step: micro batches, backward, update, EMA), by
@@ -100,6 +104,26 @@ if dump_dir:
 
     Trainer.__init__, Trainer.train_step = init, train_step
 
+loss_inputs = os.environ.get("MMDIT_TEST_DUMP_LOSS_INPUTS")
+if loss_inputs:
+    import torch
+
+    recorded_loss = Trainer.compute_loss
+
+    def compute_loss_recorded(self, x0, context, pooled, generator):
+        state = generator.get_state()
+        loss, sigma = recorded_loss(self, x0, context, pooled, generator)
+        if self.step == 0:
+            out = Path(loss_inputs)
+            out.mkdir(parents=True, exist_ok=True)
+            tensors = {"x0": x0, "context": context, "pooled": pooled, "loss": loss}
+            record = {k: v.detach().cpu() for k, v in {**tensors, "sigma": sigma}.items()}
+            record["generator"] = state.cpu()
+            torch.save(record, out / f"loss_inputs_rank_{self.rank}.pt")
+        return loss, sigma
+
+    Trainer.compute_loss = compute_loss_recorded
+
 if kill_at:
     original_manifest = checkpoint.CheckpointManager._write_manifest
 
@@ -113,9 +137,11 @@ if kill_at:
 if kill_after:
     before_kill = Trainer.train_step
 
+    kill_step, _, kill_in = kill_after.partition("@")
+
     def train_step_then_kill(self, batches):
         applied = before_kill(self, batches)
-        if self.step == int(kill_after):
+        if self.step == int(kill_step) and kill_in in ("", self.run_dir.name):
             kill_job()
         return applied
 

@@ -468,3 +468,18 @@ def test_launch_memory_and_world_size_arguments():
     result = plan(config)
     assert result.capacity_bytes == 48 * GIB and result.world_size == 8
     assert plan(config, world_size=16).total_bytes < result.total_bytes
+
+
+def test_cli_plans_every_stage_of_a_chain(capsys):
+    """configs/sd3_recipe.yaml: each stage's resolution, micro batch and checkpointing mode
+    fit an 80 GiB GPU; the plan is per stage, as each stage is its own run."""
+    assert main(["--config", str(CONFIGS / "sd3_recipe.yaml"), "--json"]) == 0
+    plans = json.loads(capsys.readouterr().out)
+    name = f"{CONFIGS / 'sd3_recipe.yaml'} stage"
+    assert list(plans) == [f"{name} 256px", f"{name} 512px", f"{name} 1024px"]
+    tokens = [p["image_tokens"] for p in plans.values()]
+    assert tokens[0] < tokens[1] < tokens[2]
+    assert all(p["fits"] and p["total_bytes"] < 0.7 * p["capacity_bytes"] for p in plans.values())
+    # One stage that does not fit makes the chain's verdict "does not fit".
+    assert main(["--config", str(CONFIGS / "sd3_recipe.yaml"), "--gpu-memory", "40"]) == 2
+    assert capsys.readouterr().out.count("memory plan for") == 3
