@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from mmdit.lora import Lora
 from mmdit.model import MMDiT, MMDiTConfig
 
 MANIFEST = "manifest.json"
@@ -332,11 +333,56 @@ def complete_state_dict(
     return {k: out[k] for k in expected}
 
 
+def lora_scale_of(step_dir: str | os.PathLike) -> float | None:
+    """The LoRA scale (alpha / rank) of a LoRA fine-tuning checkpoint (lora.rank > 0 in its
+    config), None for any other."""
+    from mmdit.lora import scale
+
+    section = read_run_config(step_dir).get("lora") or {}
+    rank = int(section.get("rank", 0))
+    return scale(rank, float(section.get("alpha", 0.0))) if rank else None
+
+
+def load_checkpoint_lora(
+    step_dir: str | os.PathLike, ema: bool = False
+) -> tuple[MMDiTConfig, dict[str, torch.Tensor], Lora, float]:
+    """(model config, complete base state dict, LoRA per module, scale) of a LoRA fine-tuning
+    checkpoint. The frozen base weights come from the ZeRO shards (DeepSpeed keeps frozen
+    parameters there, in the run's precision), the adapters from the ZeRO shards or, with
+    `ema`, from the EMA (which holds the adapters only: the base never changes)."""
+    from mmdit import lora
+
+    step_dir = Path(step_dir)
+    scale = lora_scale_of(step_dir)
+    if scale is None:
+        raise CheckpointError(f"checkpoint {step_dir} is not a LoRA run (its lora.rank is 0)")
+    config = read_model_config(step_dir)
+    check_sizes(step_dir, lambda rel: rel.startswith(f"{DS_TAG}/"))
+    sd = zero_state_dict(step_dir)
+    if ema:
+        check_sizes(step_dir, lambda rel: rel.startswith("ema_rank_"))
+        averaged = ema_state_dict(step_dir)
+        unknown = sorted(set(averaged) - set(sd))
+        if unknown:
+            raise CheckpointError(f"EMA in {step_dir} has {unknown[:3]}, which the model lacks")
+        sd.update(averaged)
+    base, adapters = lora.split(sd)
+    base = {k: v.float() for k, v in base.items()}
+    return config, complete_state_dict(base, config, f"LoRA base in {step_dir}"), adapters, scale
+
+
 def load_checkpoint_weights(
     step_dir: str | os.PathLike, ema: bool = False
 ) -> tuple[MMDiTConfig, dict[str, torch.Tensor]]:
-    """(model config, complete MMDiT state dict) of a published checkpoint directory."""
+    """(model config, complete MMDiT state dict) of a published checkpoint directory; for a
+    LoRA fine-tuning run, the base weights with the LoRA merged (what the run's model
+    computes)."""
+    from mmdit import lora
+
     step_dir = Path(step_dir)
+    if lora_scale_of(step_dir) is not None:
+        config, base, adapters, scale = load_checkpoint_lora(step_dir, ema=ema)
+        return config, lora.merge(base, adapters, scale)
     config = read_model_config(step_dir)
     if ema:
         check_sizes(step_dir, lambda rel: rel.startswith("ema_rank_"))

@@ -50,6 +50,7 @@ from training.checkpoint import DS_TAG, Checkpoint, CheckpointManager, Checkpoin
 from training.config import RunConfig
 from training.ds_config import accumulation_steps, deepspeed_config
 from training.ema import ShardedEMA
+from training.lora import add_lora
 from training.metrics_log import MetricsLogger
 from training.model_inputs import ModelInputs
 from training.optim import build_optimizer, lr_at, repair_after_load
@@ -219,6 +220,8 @@ class Trainer:
         self.ds_config = deepspeed_config(self.config, self.world, load_universal=universal)
         model = self._build_model()
         t = self.train
+        # After the base weights exist, before DeepSpeed sees the module tree (training.lora).
+        model = add_lora(model, self.config.lora, t.seed)
         model.set_activation_checkpointing(
             t.activation_checkpointing, t.activation_checkpointing_every
         )
@@ -229,9 +232,10 @@ class Trainer:
             model=model, optimizer=optimizer, config=self.ds_config
         )
         self.model_dtype = MODEL_DTYPES[t.precision]
-        self.ema = ShardedEMA(
-            self.engine.module.named_parameters(), t.ema_decay, self.rank, self.world
-        )
+        # The EMA follows the optimizer's fp32 masters, so the trained parameters only: all of
+        # them, or a LoRA's adapters (the frozen base needs no average: it never changes).
+        trained = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+        self.ema = ShardedEMA(trained, t.ema_decay, self.rank, self.world)
         # After deepspeed.initialize: the timer's hooks must run after ZeRO-3's gather hooks.
         self.block_timer = BlockTimer(self.engine.module.blocks, self.device)
         f = self.config.faults
