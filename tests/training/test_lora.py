@@ -233,13 +233,13 @@ def test_resume_continues_the_same_losses(zero3_run, resumed_run):
 def test_zero1_trains_the_same_lora_as_zero3(zero3_run, zero1_run):
     a, b = losses(zero3_run), losses(zero1_run)
     assert sorted(a) == sorted(b)
-    for step in a:
-        assert b[step] == pytest.approx(a[step], rel=1e-5), step
-    _, _, lora3, _ = load_checkpoint_lora(resolve_checkpoint(zero3_run))
-    _, _, lora1, _ = load_checkpoint_lora(resolve_checkpoint(zero1_run))
+    assert b == a  # exactly: fp32 on the CPU, the same adapters and updates
+    _, base3, lora3, _ = load_checkpoint_lora(resolve_checkpoint(zero3_run))
+    # ZeRO-1 keeps frozen weights only in its module state (eval.checkpoints reads it there).
+    _, base1, lora1, _ = load_checkpoint_lora(resolve_checkpoint(zero1_run))
+    assert all(torch.equal(base1[k], base3[k]) for k in base3)
     for module, (a3, b3) in lora3.items():
-        torch.testing.assert_close(lora1[module][0], a3, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(lora1[module][1], b3, atol=1e-5, rtol=1e-4)
+        assert torch.equal(lora1[module][0], a3) and torch.equal(lora1[module][1], b3), module
 
 
 def export(*args) -> None:
