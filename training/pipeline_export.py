@@ -184,7 +184,8 @@ def model_card(step_dir: Path, config: MMDiTConfig, weights: str, merged: bool) 
         "```python",
         "from diffusers import StableDiffusion3Pipeline",
         "pipe = StableDiffusion3Pipeline.from_pretrained(PATH)",
-        "image = pipe(PROMPT).images[0]",
+        f"image = pipe(PROMPT, max_sequence_length={int(cond.get('t5_max_length', 77))}).images[0]"
+        "  # the T5 length this model was trained with",
         "```",
         "",
         "## Training",
