@@ -89,3 +89,26 @@ def lora_summary(model: torch.nn.Module) -> str:
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(numel(p) for p in model.parameters())
     return f"LoRA: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)"
+
+
+def attach_frozen_base(ema, module: torch.nn.Module, config: LoraConfig, rank: int) -> None:
+    """Collective, once after deepspeed.initialize in a LoRA run: rank 0 keeps a CPU copy of
+    the frozen base weights (in the run's precision) beside the EMA of the adapters, so that
+    previews and validation (training.ema.gather_model) run base + EMA LoRA merged. The base
+    never changes, so one gather serves the whole run."""
+    if not config.rank:
+        return
+    frozen = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            continue
+        if hasattr(p, "ds_id"):  # ZeRO-3: partitioned; gather one tensor at a time
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p]):
+                if rank == 0:
+                    frozen[name] = p.detach().cpu().clone()
+        elif rank == 0:
+            frozen[name] = p.detach().cpu().clone()
+    ema.frozen_base = frozen if rank == 0 else None
+    ema.lora_scale = config.scale

@@ -50,7 +50,7 @@ from training.checkpoint import DS_TAG, Checkpoint, CheckpointManager, Checkpoin
 from training.config import RunConfig
 from training.ds_config import accumulation_steps, deepspeed_config
 from training.ema import ShardedEMA
-from training.lora import add_lora
+from training.lora import add_lora, attach_frozen_base
 from training.metrics_log import MetricsLogger
 from training.model_inputs import ModelInputs
 from training.optim import build_optimizer, lr_at, repair_after_load
@@ -228,6 +228,7 @@ class Trainer:
         if t.compile:
             compile_blocks(model)
         optimizer = build_optimizer(model, t, self.device)
+        self.group_names = tuple(g["name"] for g in optimizer.param_groups)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config
         )
@@ -236,6 +237,7 @@ class Trainer:
         # them, or a LoRA's adapters (the frozen base needs no average: it never changes).
         trained = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
         self.ema = ShardedEMA(trained, t.ema_decay, self.rank, self.world)
+        attach_frozen_base(self.ema, self.engine.module, self.config.lora, self.rank)
         # After deepspeed.initialize: the timer's hooks must run after ZeRO-3's gather hooks.
         self.block_timer = BlockTimer(self.engine.module.blocks, self.device)
         f = self.config.faults
@@ -334,7 +336,7 @@ class Trainer:
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {checkpoint.path / self.load_tag}")
-        repair_after_load(self.engine.optimizer.optimizer, self.train)
+        repair_after_load(self.engine.optimizer.optimizer, self.train, self.group_names)
         self.ema.bind()  # loading may have replaced the optimizer's flat fp32 buffers
         self.ema.load(checkpoint.path)
         if checkpoint.world_size == self.world:

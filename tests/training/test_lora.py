@@ -21,7 +21,7 @@ from mmdit import convert
 from mmdit import lora as lora_weights
 from mmdit.model import MMDiT
 from tests.mmdit.tiny_mmdit import inputs, randomize, tiny
-from tests.training.conftest import losses, run_training, train_overrides
+from tests.training.conftest import losses, read_metrics, run_training, train_overrides
 from training.config import LORA_BLOCK_TARGETS, LORA_TOP_TARGETS, LoraConfig
 from training.export import LORA_WEIGHTS, main
 from training.lora import add_lora, target_pattern
@@ -188,7 +188,17 @@ def resumed_run(tmp_path_factory, digit_shards, tiny_components) -> Path:
 @pytest.fixture(scope="module")
 def zero1_run(tmp_path_factory, digit_shards, tiny_components) -> Path:
     run = tmp_path_factory.mktemp("lora_z1") / "run"
-    args = lora_args(run, digit_shards, tiny_components, **{"train.zero_stage": 1})
+    # Validation and a preview grid run off the clock on the EMA (base + averaged adapters):
+    # they change no training number.
+    extra = {
+        "train.zero_stage": 1,
+        "train.preview_every": STEPS,
+        "eval.val_shards": str(digit_shards),
+        "eval.val_every": 2,
+        "eval.val_samples": 8,
+        "eval.sample_steps": 2,
+    }
+    args = lora_args(run, digit_shards, tiny_components, **extra)
     result = run_training(2, args, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return run
@@ -234,6 +244,12 @@ def test_zero1_trains_the_same_lora_as_zero3(zero3_run, zero1_run):
     a, b = losses(zero3_run), losses(zero1_run)
     assert sorted(a) == sorted(b)
     assert b == a  # exactly: fp32 on the CPU, the same adapters and updates
+    # Validation and previews in a LoRA run use base + the adapters' EMA.
+    val = {
+        step: row["val_loss"] for step, row in read_metrics(zero1_run).items() if "val_loss" in row
+    }
+    assert sorted(val) == [0, 2, 4] and val[4] != val[0]
+    assert (zero1_run / "previews" / f"step_{STEPS:08d}.png").is_file()
     _, base3, lora3, _ = load_checkpoint_lora(resolve_checkpoint(zero3_run))
     # ZeRO-1 keeps frozen weights only in its module state (eval.checkpoints reads it there).
     _, base1, lora1, _ = load_checkpoint_lora(resolve_checkpoint(zero1_run))
