@@ -21,7 +21,7 @@ import re
 import torch
 
 from mmdit.model import MMDiT
-from training.config import LORA_BLOCK_TARGETS, LoraConfig
+from training.config import LORA_BLOCK_TARGETS, LoraConfig, RunConfig
 
 log = logging.getLogger("mmdit.train")
 
@@ -60,7 +60,15 @@ def add_lora(model: MMDiT, config: LoraConfig, seed: int) -> MMDiT:
     # built in bf16 rounds them here, a ZeRO-1/2 model when DeepSpeed casts it, so the
     # adapters start equal (and their fp32 master copies too) for every stage.
     torch.manual_seed(seed)
-    inject_adapter_in_model(peft_config, model)
+    try:
+        inject_adapter_in_model(peft_config, model)
+    except ValueError as error:
+        if "not found in the base model" not in str(error):
+            raise
+        raise ValueError(
+            f"lora.targets={list(config.targets)} matched no Linear layer of this model "
+            "(attn2 exists only in model.dual_attention_layers); choose other targets"
+        ) from None
     # With JointBlock as a ZeRO-3 leaf module (one gather per block, training.trainer) the
     # backward pass of a LoRA model fails on a still-partitioned (size 0) weight in DeepSpeed
     # 0.19 (seen on 2 gloo ranks and on 1); per-module gathering works, at one all-gather per
@@ -71,11 +79,6 @@ def add_lora(model: MMDiT, config: LoraConfig, seed: int) -> MMDiT:
 
     if any(getattr(m, "_z3_leaf", False) for m in model.modules()):
         unset_z3_leaf_modules(model, [JointBlock])
-    adapted = [n for n, p in model.named_parameters() if p.requires_grad]
-    if not adapted:
-        raise ValueError(
-            f"lora.targets={list(config.targets)} matched no Linear layer of this model"
-        )
     log.info(lora_summary(model))
     return model
 
@@ -91,12 +94,14 @@ def lora_summary(model: torch.nn.Module) -> str:
     return f"LoRA: {trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)"
 
 
-def attach_frozen_base(ema, module: torch.nn.Module, config: LoraConfig, rank: int) -> None:
-    """Collective, once after deepspeed.initialize in a LoRA run: rank 0 keeps a CPU copy of
-    the frozen base weights (in the run's precision) beside the EMA of the adapters, so that
-    previews and validation (training.ema.gather_model) run base + EMA LoRA merged. The base
-    never changes, so one gather serves the whole run."""
-    if not config.rank:
+def attach_frozen_base(ema, module: torch.nn.Module, run: RunConfig, rank: int) -> None:
+    """Collective, once after deepspeed.initialize in a LoRA run with previews or validation:
+    rank 0 keeps a CPU copy of the frozen base weights (in the run's precision) beside the EMA
+    of the adapters, so that they (training.ema.gather_model) run base + EMA LoRA merged. The
+    base never changes, so one gather serves the whole run."""
+    config = run.lora
+    evaluates = run.eval.val_every and run.eval.val_shards
+    if not config.rank or not (run.train.preview_every or evaluates):
         return
     frozen = {}
     for name, p in module.named_parameters():

@@ -237,7 +237,7 @@ class Trainer:
         # them, or a LoRA's adapters (the frozen base needs no average: it never changes).
         trained = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
         self.ema = ShardedEMA(trained, t.ema_decay, self.rank, self.world)
-        attach_frozen_base(self.ema, self.engine.module, self.config.lora, self.rank)
+        attach_frozen_base(self.ema, self.engine.module, self.config, self.rank)
         # After deepspeed.initialize: the timer's hooks must run after ZeRO-3's gather hooks.
         self.block_timer = BlockTimer(self.engine.module.blocks, self.device)
         f = self.config.faults

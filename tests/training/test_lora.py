@@ -74,6 +74,21 @@ def test_target_pattern_matches_our_module_names():
     assert not re.fullmatch(pattern, "final_layer.modulation")
 
 
+def test_init_choices_and_dropout_reach_peft():
+    config = tiny(depth=2)
+    for init, check in (
+        ("default", lambda a: a.abs().max() <= (1 / a.shape[1]) ** 0.5 + 1e-6),  # Kaiming-uniform
+        ("gaussian", lambda a: abs(a.std().item() - 1 / 4) < 0.05),  # normal(0, 1 / rank)
+    ):
+        model = add_lora(MMDiT(config), LoraConfig(rank=4, init=init, dropout=0.1), seed=0)
+        qkv = model.blocks[0].x.attn.qkv
+        assert check(qkv.lora_A["default"].weight), init
+        assert torch.count_nonzero(qkv.lora_B["default"].weight) == 0  # starts as the base
+        assert qkv.lora_dropout["default"].p == 0.1 and qkv.scaling["default"] == 1.0
+    with pytest.raises(ValueError, match="matched no Linear"):
+        add_lora(MMDiT(config), LoraConfig(rank=2, targets=("attn2.qkv",)), seed=0)
+
+
 # ---- numerics: peft model == merged weights == diffusers with the exported LoRA ------------
 
 
