@@ -174,7 +174,7 @@ def model_card(step_dir: Path, config: MMDiTConfig, weights: str, merged: bool) 
     lora = run.get("lora") or {}
     side = int(data.get("resolution", 256)) // 8 // config.patch_size
     text_tokens = 77 + int(cond.get("t5_max_length", 77))
-    params = sum(param_counts(config).values())
+    params = param_counts(config)["total"]
     lines = [
         f"# {run_dir.name}",
         "",

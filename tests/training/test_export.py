@@ -219,6 +219,7 @@ def test_pipeline_export_loads_alone_and_samples_as_our_sampler(run_dir, tmp_pat
             output_type="pt",
         ).images
     weights = load_weights(run_dir)
+    assert f"{sum(p.numel() for p in weights.model().parameters()):,} parameters" in card
     cond = conditioning_of(weights, None)
     encoders = load_text_encoders(cond, torch.device("cpu"))
     text, negative = encoders.encode([prompt]), encoders.encode([""])
