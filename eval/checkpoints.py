@@ -294,13 +294,17 @@ def zero_state_dict(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     # DeepSpeed prints progress on stdout; keep stdout for what our commands report.
     with contextlib.redirect_stdout(sys.stderr):
         sd = dict(get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DS_TAG))
-    # DeepSpeed's reader rebuilds frozen parameters (a LoRA run's base) from ZeRO-2/3's
-    # fragments only; under ZeRO-1 they are in the module state it saves whole.
-    module_file = Path(step_dir) / DS_TAG / "mp_rank_00_model_states.pt"
+    return sd
+
+
+def _frozen_from_module_state(step_dir: Path, sd: dict[str, torch.Tensor]) -> None:
+    """DeepSpeed's reader rebuilds frozen parameters (a LoRA run's base) from ZeRO-2/3's
+    fragments only; under ZeRO-1 they are in the module state it saves whole (same trust
+    caveat as zero_state_dict)."""
+    module_file = step_dir / DS_TAG / "mp_rank_00_model_states.pt"
     if module_file.is_file():
         module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
         sd.update({k: v.float() for k, v in module.items() if k not in sd and v.numel()})
-    return sd
 
 
 def complete_state_dict(
@@ -365,6 +369,8 @@ def load_checkpoint_lora(
     config = read_model_config(step_dir)
     check_sizes(step_dir, lambda rel: rel.startswith(f"{DS_TAG}/"))
     sd = zero_state_dict(step_dir)
+    if not any(k.endswith(".base_layer.weight") for k in sd):
+        _frozen_from_module_state(step_dir, sd)
     if ema:
         check_sizes(step_dir, lambda rel: rel.startswith("ema_rank_"))
         averaged = ema_state_dict(step_dir)
