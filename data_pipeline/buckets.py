@@ -13,6 +13,15 @@ l / s <= max_aspect_ratio. Hence:
   square (resolution, resolution) is always included;
 - the list is sorted by (height, width), i.e. from the widest landscape to the tallest portrait,
   without duplicates.
+
+Several resolutions in one run (`data.resolutions`, e.g. [512, 1024]): each resolution is a
+*family* of buckets made by the rule above. An image of w x h pixels goes to the family of the
+largest resolution r with w * h >= r**2 (it covers that area, so it is never upscaled to reach
+it), otherwise to the smallest family; within the family, the bucket of the nearest aspect
+ratio (`assign_bucket`). A micro batch holds one bucket, and holds
+`micro_batch_for(r, micro_batch_size, base)` samples: micro_batch_size x (base / r)**2 rounded
+down (at least 1), base = the smallest resolution, so every micro batch carries about the same
+number of image tokens whatever its family.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -70,8 +80,60 @@ def make_buckets(
 
 
 def buckets_for(config) -> list[Bucket]:
-    """Buckets of a `DataConfig` (resolution, bucket_multiple, max_aspect_ratio)."""
-    return make_buckets(config.resolution, config.bucket_multiple, config.max_aspect_ratio)
+    """Buckets of a `DataConfig` (resolution(s), bucket_multiple, max_aspect_ratio): with
+    several resolutions, those of every family, sorted and without duplicates."""
+    return bucket_families(config).all_buckets()
+
+
+@dataclass(frozen=True)
+class BucketFamilies:
+    """One bucket family per resolution, smallest resolution first (module docstring)."""
+
+    families: tuple[tuple[int, tuple[Bucket, ...]], ...]
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        return tuple(r for r, _ in self.families)
+
+    def all_buckets(self) -> list[Bucket]:
+        return sorted({b for _, family in self.families for b in family})
+
+    def family(self, width: int, height: int) -> tuple[int, tuple[Bucket, ...]]:
+        """The family of the largest resolution whose area the image covers, else the
+        smallest."""
+        chosen = self.families[0]
+        for resolution, buckets in self.families:
+            if width * height >= resolution * resolution:
+                chosen = (resolution, buckets)
+        return chosen
+
+    def assign(self, width: int, height: int) -> Bucket:
+        return assign_bucket(width, height, self.family(width, height)[1])
+
+    def resolution_of(self, bucket: Bucket) -> int | None:
+        """The family a bucket belongs to (the smallest if several hold it); None if none."""
+        for resolution, buckets in self.families:
+            if tuple(bucket) in buckets:
+                return resolution
+        return None
+
+
+def bucket_families(config) -> BucketFamilies:
+    """The families of a `DataConfig`: data.resolutions, or the one data.resolution."""
+    resolutions = sorted(set(getattr(config, "resolutions", ()) or (config.resolution,)))
+    return BucketFamilies(
+        tuple(
+            (r, tuple(make_buckets(r, config.bucket_multiple, config.max_aspect_ratio)))
+            for r in resolutions
+        )
+    )
+
+
+def micro_batch_for(resolution: int, micro_batch_size: int, base_resolution: int) -> int:
+    """Samples per micro batch at `resolution`: micro_batch_size at base_resolution, scaled by
+    the inverse pixel area so the image tokens per micro batch stay about the same; rounded
+    down, at least 1."""
+    return max(1, micro_batch_size * base_resolution**2 // resolution**2)
 
 
 def assign_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket:
@@ -186,7 +248,7 @@ def resize_and_crop(
 
 def decode_to_bucket(
     data: bytes,
-    buckets: Sequence[Bucket],
+    buckets: Sequence[Bucket] | BucketFamilies,
     crop: Literal["center", "random"] = "center",
     rng: random.Random | None = None,
     *,
@@ -199,13 +261,17 @@ def decode_to_bucket(
     JPEGs: the bucket is chosen from the header, and when the cover size is at most half the
     stored size the JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT (`Image.draft`), never
     below the cover size, before the final antialiased resize. original_size is the full
-    (EXIF-rotated) size. Raises BadSample("corrupt_image" | "too_small")."""
+    (EXIF-rotated) size. `buckets` is one family's list or a `BucketFamilies` (the family is
+    chosen by the image's area). Raises BadSample("corrupt_image" | "too_small")."""
     img = open_image(data, key=key)
     orientation = exif_orientation(img)
     sw, sh = img.size  # stored (pre-rotation) size
     w, h = (sh, sw) if orientation in (5, 6, 7, 8) else (sw, sh)
     _check_size(w, h, min_side, key)
-    bucket = assign_bucket(w, h, buckets)
+    if isinstance(buckets, BucketFamilies):
+        bucket = buckets.assign(w, h)
+    else:
+        bucket = assign_bucket(w, h, buckets)
     rw, rh = cover_size(w, h, bucket)
     source_scale = 1.0
     if img.format in ("JPEG", "MPO") and 2 * rw <= w and 2 * rh <= h:

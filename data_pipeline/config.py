@@ -17,6 +17,12 @@ class DataConfig:
     # Aspect-ratio buckets at a target pixel area of resolution**2; sides are multiples of
     # bucket_multiple (VAE factor 8 x patch size 2 = 16).
     resolution: int = 256
+    # Several target areas in one run (e.g. [512, 1024]): one bucket family per resolution,
+    # each image goes to the largest one whose area it covers (else the smallest), and a
+    # micro batch of resolution r holds train.micro_batch_size x (min(resolutions) / r)**2
+    # samples (rounded down, >= 1). Empty = only `resolution`; when set, `resolution` must be
+    # one of them (the size previews and FID use).
+    resolutions: tuple[int, ...] = ()
     bucket_multiple: int = 16
     max_aspect_ratio: float = 2.0
     crop: Literal["center", "random"] = "center"
@@ -37,12 +43,31 @@ class DataConfig:
     shard_open_retries: int = 2
     shard_retry_wait_s: float = 1.0
 
+    @property
+    def all_resolutions(self) -> tuple[int, ...]:
+        """The bucket families' resolutions, smallest first."""
+        return tuple(sorted(self.resolutions or (self.resolution,)))
+
     def __post_init__(self):
         if self.resolution <= 0 or self.resolution % self.bucket_multiple:
             raise ValueError(
                 f"resolution={self.resolution} must be a positive multiple of "
                 f"bucket_multiple={self.bucket_multiple}"
             )
+        for r in self.resolutions:
+            if r <= 0 or r % self.bucket_multiple:
+                raise ValueError(
+                    f"data.resolutions has {r}: every resolution must be a positive multiple "
+                    f"of bucket_multiple={self.bucket_multiple}"
+                )
+        if self.resolutions and self.resolution not in self.resolutions:
+            raise ValueError(
+                f"data.resolution={self.resolution} is not in data.resolutions="
+                f"{list(self.resolutions)}: set data.resolution to one of them (the size "
+                "previews and FID use)"
+            )
+        if len(set(self.resolutions)) != len(self.resolutions):
+            raise ValueError(f"data.resolutions={list(self.resolutions)} has duplicates")
         if self.max_aspect_ratio < 1.0:
             raise ValueError(f"max_aspect_ratio={self.max_aspect_ratio} must be >= 1.0")
         if not (self.caption == "txt" or self.caption.startswith("json:")):

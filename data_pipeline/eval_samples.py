@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from data_pipeline.bad_samples import BadSample, BadSampleCounter
-from data_pipeline.buckets import buckets_for
+from data_pipeline.buckets import bucket_families
 from data_pipeline.cache_format import CACHE_INFO
 from data_pipeline.config import DataConfig
 from data_pipeline.loader import collate, decode_item
@@ -58,7 +58,7 @@ def eval_items(
     urls = expand_shards(shards)
     if not urls:
         raise ValueError(f"no shards match {shards!r}")
-    buckets = buckets_for(config) if mode == "images" else None
+    buckets = bucket_families(config) if mode == "images" else None
     counter = counter if counter is not None else BadSampleCounter()
     index = 0
     for url in urls:

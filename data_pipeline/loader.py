@@ -10,7 +10,9 @@ stream; a "pseudo-epoch" is len(shards) / S draws).
 Each slot's stream is infinite (epoch after epoch) and deterministic: samples pass a shuffle
 buffer (seeded per slot), are decoded and cropped (random crops seeded by the sample's epoch,
 shard and index), and wait in per-bucket queues until a bucket has a full batch. Because no
-worker ever runs dry, torch's DataLoader hands out batches in strict worker round-robin.
+worker ever runs dry, torch's DataLoader hands out batches in strict worker round-robin. With
+several resolutions (data.resolutions) a bucket's batch is full at its family's micro batch
+(data_pipeline.buckets.micro_batch_for), so batches of different families differ in size.
 
 Exact resume. Every batch carries its worker's state right after that batch: epoch, shard and
 sample cursor, the shuffle buffer and bucket queues as sample *references* (epoch, shard,
@@ -37,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.bad_samples import REASONS, BadSample, BadSampleCounter
-from data_pipeline.buckets import buckets_for, decode_to_bucket
+from data_pipeline.buckets import Bucket, bucket_families, decode_to_bucket, micro_batch_for
 from data_pipeline.cache_format import CacheInfo, decode_tensors
 from data_pipeline.config import DataConfig
 from data_pipeline.images import image_to_tensor
@@ -217,7 +219,13 @@ class BucketedShardStream(IterableDataset):
                 "one shard per epoch; reshard into more files, lower data.num_workers, or set "
                 "data.resample=true"
             )
-        self.buckets = buckets_for(config) if mode == "images" else None
+        families = bucket_families(config)
+        self.buckets = families if mode == "images" else None
+        self.families = families
+        self.resolutions = families.resolutions
+        self._batch_sizes = {
+            r: micro_batch_for(r, batch_size, self.resolutions[0]) for r in self.resolutions
+        }
         self.resume: dict[int, StreamState] = {}  # logical worker -> state to continue from
         self.rotation = 0  # DataLoader worker w serves logical worker (w + rotation) % W
 
@@ -225,6 +233,19 @@ class BucketedShardStream(IterableDataset):
 
     def _item(self, ref: Ref, sample: dict) -> dict:
         return decode_item(self.config, self.mode, self.buckets, ref, sample)
+
+    def batch_size_of(self, bucket: Bucket) -> int:
+        """How many samples make a batch of `bucket`: its family's micro batch."""
+        if len(self.resolutions) == 1:
+            return self.batch_size
+        resolution = self.families.resolution_of(bucket)
+        if resolution is None:  # only a cache made with other data settings gets here
+            raise ValueError(
+                f"cached sample bucket {bucket[0]}x{bucket[1]} belongs to none of "
+                f"data.resolutions={list(self.resolutions)}; precompute the cache with this "
+                "run's data section (mmdit-precompute)"
+            )
+        return self._batch_sizes[resolution]
 
     # -- the stream ---------------------------------------------------------------------------
 
@@ -304,7 +325,7 @@ class BucketedShardStream(IterableDataset):
             counter.add_good()
             queue = pending[item["bucket"]]
             queue.append((ref, item))
-            if len(queue) == self.batch_size:
+            if len(queue) == self.batch_size_of(item["bucket"]):
                 entries = list(queue)
                 queue.clear()
                 batch = collate([it for _, it in entries], self.mode, [r[0] for r, _ in entries])
@@ -363,31 +384,36 @@ class ResumableLoader:
             total.merge(state["bad"])
         return total.as_dict()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
+    def _layout(self) -> dict[str, Any]:
+        """What a saved position is only valid for (the slots and the batch sizes)."""
+        layout = {
             "format": STATE_FORMAT,
             "rank": self.stream.rank,
             "world_size": self.stream.world_size,
             "num_workers": self.stream.num_workers,
             "batch_size": self.stream.batch_size,
+        }
+        if len(self.stream.resolutions) > 1:  # one-resolution states stay as they were
+            layout["resolutions"] = list(self.stream.resolutions)
+        return layout
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **self._layout(),
             "consumed": self._consumed,
             "workers": {str(w): s for w, s in self._states.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        expected = {
-            "format": STATE_FORMAT,
-            "rank": self.stream.rank,
-            "world_size": self.stream.world_size,
-            "num_workers": self.stream.num_workers,
-            "batch_size": self.stream.batch_size,
-        }
+        expected = self._layout()
+        if "resolutions" in state and "resolutions" not in expected:
+            expected["resolutions"] = list(self.stream.resolutions)
         differing = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
         if differing:
             details = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in differing.items())
             raise ValueError(
                 f"cannot resume the data stream exactly ({details}); resume with the same "
-                "world size, data.num_workers and micro batch size"
+                "world size, data.num_workers, micro batch size and data.resolutions"
             )
         self._states = {int(w): dict(s) for w, s in state["workers"].items()}
         self._consumed = int(state["consumed"])
@@ -439,7 +465,7 @@ def reshard_state(
             f"rank {rank}'s readers consumed {counts} batches: not a round-robin position, so "
             "the stream cannot continue exactly on this layout"
         )
-    return {
+    out = {
         "format": STATE_FORMAT,
         "rank": rank,
         "world_size": world_size,
@@ -448,6 +474,9 @@ def reshard_state(
         "consumed": sum(counts),
         "workers": {str(w): st for w, (_, st) in enumerate(mine) if st is not None},
     }
+    if "resolutions" in first:
+        out["resolutions"] = first["resolutions"]
+    return out
 
 
 def build_loader(

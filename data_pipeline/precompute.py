@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline.bad_samples import BadSample, BadSampleCounter
-from data_pipeline.buckets import Bucket, buckets_for, decode_to_bucket
+from data_pipeline.buckets import Bucket, bucket_families, decode_to_bucket
 from data_pipeline.cache_format import (
     CACHE_INFO,
     EMPTY_PROMPT,
@@ -205,8 +205,11 @@ def make_layout(text: TextEncoders) -> CacheLayout:
 
 def data_settings(data: DataConfig) -> dict[str, Any]:
     """The `data` settings that decide what a cache sample holds (bucket, crop, caption); the
-    seed only matters for random crops. Recorded in CacheInfo.extra["data"]."""
+    seed only matters for random crops. Recorded in CacheInfo.extra["data"]; `resolutions`
+    only for a multi-resolution cache, so one-resolution caches keep their record."""
+    several = {"resolutions": list(data.all_resolutions)} if len(data.all_resolutions) > 1 else {}
     return {
+        **several,
         "resolution": data.resolution,
         "bucket_multiple": data.bucket_multiple,
         "max_aspect_ratio": data.max_aspect_ratio,
@@ -312,7 +315,7 @@ class ShardEncoder:
         self.vae = vae
         self.text = text
         self.batch = batch
-        self.buckets = buckets_for(cfg.data)
+        self.buckets = bucket_families(cfg.data)
 
     def _flush(self, items: list[_Pending], writer, counter: BadSampleCounter) -> None:
         import torch

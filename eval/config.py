@@ -14,10 +14,13 @@ class EvalConfig:
     # SD3 scaling-study validation loss: fixed sigma grid in stratified bins, fixed noise.
     sigma_bins: int = 8
     noise_seed: int = 0
-    # Sampling for FID / CLIP score (SD3.5-L defaults: 40 steps, CFG 4.5, shift 3.0).
+    # Sampling for FID / CLIP score, previews and mmdit-sample (SD3.5-L: 40 steps, CFG 4.5).
     sample_steps: int = 40
     cfg_scale: float = 4.5
-    shift: float = 3.0
+    # The sampler's sigma shift; 0 = match the training run: train.shift, or with
+    # train.shift_base_resolution SD3's sqrt(h*w)/base rule at the sampling size (a run
+    # trained without a shift then samples with 1). SD3 samples 1024 px with 3.0.
+    shift: float = 0.0
     fid_samples: int = 10_000
     # FID reference: shards (captions become the prompts) or an image folder; "" = val_shards.
     fid_reference: str = ""
@@ -36,5 +39,7 @@ class EvalConfig:
             raise ValueError(f"sigma_bins={self.sigma_bins} must be >= 1")
         if self.sample_steps < 1:
             raise ValueError(f"sample_steps={self.sample_steps} must be >= 1")
+        if self.shift < 0:
+            raise ValueError(f"eval.shift={self.shift} must be >= 0 (0 = match train.shift)")
         if min(self.val_every, self.val_samples, self.fid_samples, self.fid_size) < 0:
             raise ValueError("val_every, val_samples, fid_samples and fid_size must be >= 0")

@@ -70,6 +70,7 @@ from eval.loading import (
     load_vae,
     pick_device,
     run_config_of,
+    sampling_shift,
 )
 from eval.val_loss import batch_to_inputs, held_out_loss
 from mmdit import distributed
@@ -152,6 +153,9 @@ def resolve_settings(args: argparse.Namespace, first: Target) -> dict:
         "data": dataclasses.asdict(data),
     }
     settings["fid_reference"] = settings["fid_reference"] or settings["val_shards"]
+    # eval.shift 0 = the training run's own shift at the FID size (eval.loading.sampling_shift).
+    side = settings["fid_size"]
+    settings["shift"] = sampling_shift(config, side, side, settings["shift"])
     return settings
 
 
@@ -160,6 +164,10 @@ def metric_settings(settings: Mapping, metric: str) -> dict:
     if metric == "val_loss":
         keys = ("val_shards", "val_samples", "sigma_bins", "noise_seed")
         data = {k: settings["data"][k] for k in ("resolution", "max_aspect_ratio", "caption")}
+        # Bucket families change which bucket (so which crop) a held-out image gets; only
+        # multi-resolution runs add the key, so existing settings ids stay as they were.
+        if settings["data"].get("resolutions"):
+            data["resolutions"] = list(settings["data"]["resolutions"])
         return {**{k: settings[k] for k in keys}, "data": data}
     keys = ("fid_samples", "fid_reference", "fid_prompts", "fid_size", "seed", "steps", "cfg")
     out = {k: settings[k] for k in (*keys, "shift")}
@@ -595,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="generated image i uses seed + i")
     g.add_argument("--steps", type=int)
     g.add_argument("--cfg", type=float)
-    g.add_argument("--shift", type=float)
+    g.add_argument("--shift", type=float, help="sampler shift (default: the run's eval.shift)")
     g.add_argument("--inception-weights", metavar="PATH")
     g.add_argument("--clip-model", metavar="NAME|JSON")
     g.add_argument("--clip-checkpoint", metavar="PATH")

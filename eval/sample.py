@@ -3,17 +3,19 @@
     mmdit-sample --checkpoint runs/d24 --ema --components /models/sd3 \\
         --prompt "a photo of a cat" --prompt "a red bus" --out cats.png
     mmdit-sample --checkpoint runs/d24:12000 --components /models/sd3 --prompts prompts.txt \\
-        --size 768x512 --steps 28 --cfg 4.5 --shift 3.0 --seed 7 --out samples/
+        --size 768x512 --steps 28 --cfg 4.5 --seed 7 --out samples/
 
 Weights (--checkpoint): RUN (newest checkpoint), RUN:STEP, RUN/checkpoints/step_N, a diffusers
 folder (mmdit-export --format diffusers), or a .safetensors file (mmdit-export --format sd3 or
 safetensors; SD3 single files from elsewhere work too). --ema picks the EMA of a training
 checkpoint.
 
-Sampling: Euler on the rectified-flow ODE over diffusers' FlowMatchEulerDiscreteScheduler grid
-(shift 3.0 as SD3 samples), classifier-free guidance against --negative-prompt (default the
-empty prompt). Prompt i uses noise seeded with SEED + i, so an image does not depend on the
-batch size or on the other prompts. --size is any WxH with sides multiple of 16.
+Sampling: Euler on the rectified-flow ODE over diffusers' FlowMatchEulerDiscreteScheduler grid,
+classifier-free guidance against --negative-prompt (default the empty prompt). The shift
+defaults to the training run's (its eval.shift, else train.shift with SD3's sqrt(h*w)/base
+rule at --size when train.shift_base_resolution is set); exported weights use SD3's 3.0.
+Prompt i uses noise seeded with SEED + i, so an image does not depend on the batch size or on
+the other prompts. --size is any WxH with sides multiple of 16.
 
 Output (--out): a .png path writes one grid of all images; any other path is a directory with
 one PNG per prompt (00000.png, ...) and prompts.jsonl (index, prompt, seed, settings).
@@ -38,6 +40,7 @@ from eval.loading import (
     load_vae,
     pick_device,
     run_config_of,
+    sampling_shift,
 )
 from mmdit.atomic_file import write_atomic
 from mmdit.sampling import generate, image_grid, save_png, to_uint8
@@ -91,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--negative-prompt", default="", metavar="TEXT")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--cfg", type=float, default=4.5, help="guidance scale (1 = none)")
-    parser.add_argument("--shift", type=float, default=3.0, help="sigma schedule shift")
+    parser.add_argument(
+        "--shift",
+        type=float,
+        default=None,
+        help="sigma schedule shift (default: the training run's at --size; 3.0 for exports)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=parse_size, default=None, metavar="WxH")
     parser.add_argument("--out", required=True, metavar="GRID.png|DIR")
@@ -116,6 +124,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     weights = load_weights(args.checkpoint, ema=args.ema)
     width, height = args.size or default_size(weights)
     cond = conditioning_of(weights, args.components, dtype_name)
+    args.shift = sampling_shift(run_config_of(weights), height, width, args.shift)
     log.info(
         "%s (%s weights, step %s): %d prompts at %dx%d, %d steps, cfg %.2f, shift %.2f",
         weights.source,
@@ -184,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         parser.error("--steps and --batch-size must be >= 1")
+    if args.shift is not None and args.shift <= 0:
+        parser.error("--shift must be > 0 (leave it out to match the training run)")
     try:
         written = run(args)
     except (CheckpointError, ValueError, FileNotFoundError) as e:

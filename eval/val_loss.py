@@ -10,6 +10,11 @@ to float rounding, and comparable between model sizes.
 
 Reported: the loss per bin (the mean over samples of the per-sample MSE to the velocity) and
 their mean (each bin weighted equally, i.e. the loss under uniform sigma).
+
+The grid is never shifted by train.shift: the number measures the velocity error over the whole
+path with equal weight, so runs and stages trained with different shifts (or none) stay
+comparable on one scale. The trainer's own `loss_by_sigma` bins, by contrast, are of the
+shifted sigmas the model was trained on, so they show where the training density puts its mass.
 """
 
 from __future__ import annotations

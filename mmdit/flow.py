@@ -51,12 +51,22 @@ def sample_sigmas(
     mode_scale: float = 1.29,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    shift: float = 1.0,
 ) -> Tensor:
     """Draw one training sigma per sample, shape (batch,), float32, on ``device``.
 
     The generator, when given, must live on ``device`` (torch's rule). Sampling happens on the
-    device itself, so a training step never round-trips through the host.
+    device itself, so a training step never round-trips through the host. ``shift`` (a Python
+    float, see `resolution_shift`) maps every draw through `shift_sigmas`; with 1.0 the draw is
+    returned untouched (bit for bit, not merely equal in value).
     """
+    if shift <= 0:
+        raise ValueError(f"sigma shift={shift} must be > 0 (1 = no shift)")
+    sigma = _draw_sigmas(batch, density, logit_mean, logit_std, mode_scale, generator, device)
+    return sigma if shift == 1.0 else shift_sigmas(sigma, shift)
+
+
+def _draw_sigmas(batch, density, logit_mean, logit_std, mode_scale, generator, device) -> Tensor:
     if density == "logit_normal":
         # SD3 sec. 3.1: sigmoid of a Gaussian concentrates steps on the middle of the path,
         # where the velocity is hardest to predict; m=0, s=1 was the paper's best.
@@ -92,6 +102,35 @@ def shift_sigmas(sigma: Tensor | float, alpha: float) -> Tensor | float:
     alpha > 1 moves the schedule towards the noise end to compensate. 0 and 1 are fixed points.
     """
     return alpha * sigma / (1 + (alpha - 1) * sigma)
+
+
+def resolution_shift(shift: float, base_resolution: int, height: int, width: int) -> float:
+    """The shift alpha for images of height x width pixels (SD3 sec. 5.3.2, eq. 23).
+
+    ``base_resolution`` 0: the fixed ``shift``. Otherwise SD3's rule: alpha = shift *
+    sqrt(m / n) with m = height * width and n = base_resolution**2, i.e. the shift grows with
+    the side of the image (its token count's square root), so a 1024² bucket trained with base
+    256 gets alpha = 4 * shift and a 256² bucket gets ``shift``. A Python float: it is computed
+    on the host from shapes, never from a device tensor.
+    """
+    if base_resolution <= 0:
+        return float(shift)
+    return float(shift) * math.sqrt(height * width) / base_resolution
+
+
+# What SD3 pipelines sample with, and what a run whose config names no shift samples with.
+SD3_SAMPLING_SHIFT = 3.0
+
+
+def matched_shift(
+    eval_shift: float, train_shift: float, base_resolution: int, height: int, width: int
+) -> float:
+    """The sampling shift: ``eval_shift`` when > 0 (an explicit choice), else the training
+    run's own alpha at the sampling size (`resolution_shift`), so a model samples on the same
+    sigma density it was trained on."""
+    if eval_shift > 0:
+        return float(eval_shift)
+    return resolution_shift(train_shift, base_resolution, height, width)
 
 
 # The sampler grid follows diffusers' FlowMatchEulerDiscreteScheduler, which SD3 pipelines use.
@@ -140,13 +179,15 @@ def training_loss(
     logit_std: float = 1.0,
     mode_scale: float = 1.29,
     weighting: str = "none",
+    shift: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Rectified-flow loss. Returns ``(loss, sigma)``, both (B,) float32 tensors.
 
     The loss is not reduced: the trainer takes the mean for the gradient and bins the
     per-sample values by sigma for logging. No host synchronisation happens here.
     ``sigma`` and ``noise`` may be given (tests, stratified validation); otherwise they are
-    drawn with ``generator`` (which must live on x0's device).
+    drawn with ``generator`` (which must live on x0's device) and moved by ``shift`` (see
+    `sample_sigmas`); a given ``sigma`` is used as it is.
     """
     b = x0.shape[0]
     if sigma is None:
@@ -158,6 +199,7 @@ def training_loss(
             mode_scale=mode_scale,
             generator=generator,
             device=x0.device,
+            shift=shift,
         )
     sigma = sigma.to(device=x0.device, dtype=torch.float32)
     if noise is None:

@@ -13,9 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from data_pipeline.buckets import buckets_for
 from data_pipeline.config import DataConfig
 from eval.config import EvalConfig
 from mmdit.conditioning.config import ConditioningConfig
+from mmdit.conditioning.vae import SPATIAL_FACTOR as LATENT_FACTOR
 from mmdit.lora import scale as lora_scale
 from mmdit.model import MMDiTConfig
 
@@ -26,7 +28,10 @@ class TrainConfig:
     seed: int = 0
     max_steps: int = 1000
     # Global batch = micro_batch_size x gradient accumulation x world size; 0 means no
-    # accumulation. Kept fixed when a run resumes on a different world size.
+    # accumulation. Kept fixed when a run resumes on a different world size. With several
+    # data.resolutions both count samples of the smallest one: a step is still accumulation
+    # x world micro batches, and a micro batch of resolution r holds micro_batch_size x
+    # (min / r)**2 samples, so every step carries about the same number of image tokens.
     micro_batch_size: int = 4
     global_batch_size: int = 0
     precision: Literal["bf16", "fp32"] = "bf16"
@@ -54,6 +59,13 @@ class TrainConfig:
     logit_std: float = 1.0
     mode_scale: float = 1.29
     loss_weighting: Literal["none", "cosmap"] = "none"
+    # Train-time timestep shift (SD3 sec. 5.3.2): every drawn sigma goes through
+    # alpha s / (1 + (alpha - 1) s), which moves training towards the noise end. alpha = shift
+    # (1 = none); with shift_base_resolution > 0 it is SD3's per-bucket rule
+    # alpha = shift * sqrt(h * w) / shift_base_resolution (h x w = the micro batch's bucket in
+    # pixels). Sampling (eval.shift: 0), previews and the sigma bins of the loss log follow it.
+    shift: float = 1.0
+    shift_base_resolution: int = 0
     # Per-encoder text dropout for classifier-free guidance (all three together ~10%).
     text_dropout: float = 0.463
     ema_decay: float = 0.9999
@@ -105,6 +117,13 @@ class TrainConfig:
             raise ValueError(
                 f"offload_params needs zero_stage=3 (got {self.zero_stage}): only ZeRO-3 "
                 "partitions the weights; use offload_optimizer with stage 1 or 2"
+            )
+        if not self.shift > 0:
+            raise ValueError(f"train.shift={self.shift} must be > 0 (1 = no shift)")
+        if self.shift_base_resolution < 0:
+            raise ValueError(
+                f"train.shift_base_resolution={self.shift_base_resolution} must be >= 0 "
+                "(0 = the fixed train.shift; e.g. 256 for SD3's sqrt(h*w)/256 rule)"
             )
         if self.lr <= 0 or self.max_steps < 0 or self.warmup_steps < 0:
             raise ValueError("lr must be > 0; max_steps and warmup_steps must be >= 0")
@@ -256,3 +275,16 @@ class RunConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self):
+        # The largest bucket must fit the model's position table, or the run would fail at
+        # its first batch of that bucket, possibly hours in.
+        m, d = self.model, self.data
+        side = max(max(b) for b in buckets_for(d)) // (LATENT_FACTOR * m.patch_size)
+        if side > m.pos_embed_max_size:
+            raise ValueError(
+                f"model.pos_embed_max_size={m.pos_embed_max_size} is smaller than the "
+                f"{side} patches of the longest bucket side at data resolution "
+                f"{max(d.all_resolutions)}; set model.pos_embed_max_size >= {side} or lower "
+                "data.resolution(s) / data.max_aspect_ratio"
+            )

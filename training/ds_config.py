@@ -6,6 +6,12 @@ B parameters, i.e. the whole next block while this one computes; gradients are r
 (stages 1-2) weights all-gathered in buckets of B elements; tensors under 10 h elements (norm
 scales, biases) stay whole on every rank, since gathering them costs more than storing them.
 
+With several data.resolutions the micro batches differ in size (data_pipeline.buckets.
+micro_batch_for); train_micro_batch_size_per_gpu and train_batch_size then count samples of the
+smallest resolution. DeepSpeed only books them: the trainer draws `accumulation` micro batches
+per step and calls backward/step itself, and each micro batch's mean loss weighs the same
+(they carry about the same number of tokens).
+
 `memory_efficient_linear` is off: under zero.Init DeepSpeed otherwise replaces
 torch.nn.functional.linear for the whole process (and never restores it) with a Python
 autograd.Function that runs matmul and bias add separately, slower and opaque to

@@ -31,8 +31,9 @@ Formats (--format):
   diffusers-pipeline
                a folder that diffusers.StableDiffusion3Pipeline.from_pretrained(OUT) loads on its
                own: transformer/ (as --format diffusers), scheduler/ (FlowMatchEuler with the
-               run's eval.shift), the text encoders, tokenizers and VAE from the run's
-               conditioning.components or --components DIR (copied; --link hardlink/symlink),
+               run's sampling shift, as mmdit-sample), the text encoders, tokenizers and VAE
+               from the run's conditioning.components or --components DIR (copied; --link
+               hardlink/symlink),
                model_index.json and a model card README.md (config, data, steps, FLOPs, eval)
   diffusers-lora
                for a LoRA run (lora.rank > 0): OUT/pytorch_lora_weights.safetensors, the adapters

@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.buckets import buckets_for
+from data_pipeline.buckets import bucket_families, micro_batch_for
 from mmdit.flops import block_param_counts, largest_block_params, param_counts
 from mmdit.model import MMDiTConfig
 from mmdit.typed_config import add_config_arguments, config_from_args
@@ -444,9 +444,18 @@ def blocks_in_flight(config: RunConfig, zero: dict, mode: str, every: int) -> in
 
 
 def tokens_per_sample(config: RunConfig) -> tuple[int, int]:
-    """(image tokens of the largest aspect bucket, text tokens)."""
+    """(image tokens of the largest aspect bucket, text tokens).
+
+    With several data.resolutions the heaviest micro batch decides: family r holds
+    micro_batch_for(r) samples instead of train.micro_batch_size, so its largest bucket counts
+    as that many / micro_batch_size samples' worth of tokens (rounded up)."""
     p = config.model.patch_size * VAE_FACTOR
-    image = max((h // p) * (w // p) for h, w in buckets_for(config.data))
+    families = bucket_families(config.data)
+    micro, base = config.train.micro_batch_size, families.resolutions[0]
+    image = max(
+        -(-micro_batch_for(r, micro, base) * max((h // p) * (w // p) for h, w in buckets) // micro)
+        for r, buckets in families.families
+    )
     return image, CLIP_TOKENS + config.conditioning.t5_max_length
 
 

@@ -4,7 +4,8 @@ diffusers-pipeline`): what `StableDiffusion3Pipeline.from_pretrained(OUT)` loads
     OUT/model_index.json     StableDiffusion3Pipeline and its parts
     OUT/transformer/         the trained MMDiT (mmdit.convert.save_diffusers)
     OUT/scheduler/           FlowMatchEulerDiscreteScheduler with the run's sampling shift
-                             (eval.shift), so the pipeline samples as mmdit-sample does
+                             (eval.shift, or the training shift it matches), so the pipeline
+                             samples as mmdit-sample does at the default size
     OUT/text_encoder*/, tokenizer*/, vae/
                              copied (or hard-linked, or symlinked) from the run's frozen
                              components (conditioning.components or --components)
@@ -106,6 +107,18 @@ def write_scheduler(folder: Path, source: Path | None, shift: float) -> None:
     scheduler.save_pretrained(str(folder))
 
 
+def pipeline_shift(run_config: Mapping[str, Any], config: MMDiTConfig) -> float:
+    """The scheduler's shift: what mmdit-sample uses for this run (eval.loading.sampling_shift)
+    at the pipeline's default size (sample_size x 8 pixels square). A diffusers scheduler has
+    one shift, so a run trained with the resolution-dependent rule
+    (train.shift_base_resolution) gets its value at that size."""
+    from eval.loading import sampling_shift
+    from mmdit.conditioning.vae import SPATIAL_FACTOR
+
+    side = config.sample_size * SPATIAL_FACTOR
+    return sampling_shift(run_config, side, side)
+
+
 def write_pipeline(
     tmp: Path,
     state_dict: dict[str, torch.Tensor],
@@ -124,8 +137,7 @@ def write_pipeline(
     convert.save_diffusers(tmp / "transformer", state_dict, config)
     root = components or (run_config.get("conditioning") or {}).get("components")
     scheduler_src = Path(root) / "scheduler" if root else None
-    shift = float((run_config.get("eval") or {}).get("shift", 3.0))
-    write_scheduler(tmp / "scheduler", scheduler_src, shift)
+    write_scheduler(tmp / "scheduler", scheduler_src, pipeline_shift(run_config, config))
     index: dict[str, Any] = {
         "_class_name": "StableDiffusion3Pipeline",
         "_diffusers_version": diffusers.__version__,
@@ -217,8 +229,9 @@ def model_card(step_dir: Path, config: MMDiTConfig, weights: str, merged: bool) 
         f"- data: {data.get('cache_shards') or data.get('shards') or '(not recorded)'} at "
         f"{data.get('resolution')} px",
         f"- sampling defaults (eval section): {run.get('eval', {}).get('sample_steps')} steps,"
-        f" CFG {run.get('eval', {}).get('cfg_scale')}, shift {run.get('eval', {}).get('shift')}"
-        " (the scheduler's shift)",
+        f" CFG {run.get('eval', {}).get('cfg_scale')}; the scheduler's shift is "
+        f"{pipeline_shift(run, config):g} (the run's sampling shift at "
+        f"{config.sample_size * 8} px)",
         "",
         "## Evaluation",
         "",

@@ -2,8 +2,9 @@
 
 The prompts are encoded once at start (the text encoders are then freed, so a run that reads
 cached embeddings does not keep them resident); each preview gathers the sharded EMA into a
-plain MMDiT on rank 0 and samples with the eval section's steps, CFG scale and shift, so
-consecutive grids show the same noise becoming images.
+plain MMDiT on rank 0 and samples with the eval section's steps, CFG scale and shift (eval.shift
+0: the run's own training shift at the preview size, flow.matched_shift), so consecutive grids
+show the same noise becoming images.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from eval.loading import load_text_encoders
+from mmdit import flow
 from mmdit.conditioning import VAE, TextEncoders
 from mmdit.sampling import generate, image_grid, save_png
 from training.config import RunConfig
@@ -50,6 +52,8 @@ class Previewer:
             return None
         ev = self.config.eval
         size = self.config.data.resolution
+        t = self.config.train
+        shift = flow.matched_shift(ev.shift, t.shift, t.shift_base_resolution, size, size)
         images = generate(
             model,
             self.vae,
@@ -62,7 +66,7 @@ class Previewer:
             seed=self.config.train.preview_seed,
             steps=ev.sample_steps,
             cfg_scale=ev.cfg_scale,
-            shift=ev.shift,
+            shift=shift,
             device=self.device,
         )
         path = save_png(image_grid(images), self.out_dir / f"step_{step:08d}.png")

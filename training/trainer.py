@@ -42,6 +42,7 @@ from data_pipeline.bad_samples import REASONS
 from data_pipeline.loader import reshard_state
 from mmdit import distributed, flow
 from mmdit.conditioning import conditioning_identity
+from mmdit.conditioning.vae import SPATIAL_FACTOR
 from mmdit.flops import approx_train_flops_per_sample, mfu, peak_bf16_flops
 from mmdit.model import JointBlock, MMDiT
 from mmdit.typed_config import dumps_yaml, to_dict
@@ -363,6 +364,9 @@ class Trainer:
         self.window_steps = 0
         self.window_flops = 0.0
         self.window_tokens = 0
+        self.window_samples = 0
+        # Micro batches per bucket family (data.resolutions), this rank, this window.
+        self.window_by_resolution = [0] * len(self.loader.stream.resolutions)
         self.window_data_wait = 0.0
         self.window_skipped = 0
         self.block_timer.read_and_reset()
@@ -402,6 +406,7 @@ class Trainer:
                 step_bins[0].index_add_(0, idx, loss.detach().double())
                 step_bins[1].index_add_(0, idx, torch.ones_like(loss, dtype=torch.float64))
             self._count_work(x0, context)
+            self._count_resolution(batch["bucket"])
         applied = not getattr(self.engine.optimizer, "overflow", False)
         if applied:
             self.ema.update()
@@ -414,8 +419,13 @@ class Trainer:
         return applied
 
     def compute_loss(self, x0, context, pooled, generator):
-        """Per-sample rectified-flow loss and sigma (B,), fp32. A seam for fault injection."""
+        """Per-sample rectified-flow loss and sigma (B,), fp32. A seam for fault injection.
+
+        The returned sigma is the shifted one the model saw, so the loss log's sigma bins
+        describe the density actually trained on."""
         t = self.train
+        # Latent side x the VAE factor = the bucket in pixels; shapes only, no device sync.
+        h, w = x0.shape[-2] * SPATIAL_FACTOR, x0.shape[-1] * SPATIAL_FACTOR
         return flow.training_loss(
             self._model_fn,
             x0,
@@ -427,6 +437,7 @@ class Trainer:
             logit_std=t.logit_std,
             mode_scale=t.mode_scale,
             weighting=t.loss_weighting,
+            shift=flow.resolution_shift(t.shift, t.shift_base_resolution, h, w),
         )
 
     def _count_work(self, x0: torch.Tensor, context: torch.Tensor) -> None:
@@ -434,9 +445,16 @@ class Trainer:
         image_tokens = (x0.shape[-2] // p) * (x0.shape[-1] // p)
         text_tokens = context.shape[1]
         b = x0.shape[0]
+        self.window_samples += b
         self.window_tokens += b * (image_tokens + text_tokens)
         per_sample = approx_train_flops_per_sample(self.config.model, image_tokens, text_tokens)
         self.window_flops += b * per_sample
+
+    def _count_resolution(self, bucket) -> None:
+        stream = self.loader.stream
+        if len(stream.resolutions) > 1:
+            family = stream.families.resolution_of(tuple(bucket))
+            self.window_by_resolution[stream.resolutions.index(family)] += 1
 
     def _record_skip(self, keys: list[list[str]]) -> None:
         self.skipped_total += 1
@@ -469,14 +487,22 @@ class Trainer:
         bad_total = distributed.all_reduce_sum(torch.tensor([bad[n] for n in names])).tolist()
         wall = time.perf_counter() - self.window_start
         per_rank = distributed.all_gather_rows(
-            [self.block_timer.read_and_reset(), self.window_data_wait]
+            [
+                self.block_timer.read_and_reset(),
+                self.window_data_wait,
+                self.window_samples,
+                self.window_tokens,
+                *self.window_by_resolution,
+            ]
         )
         stragglers = self.stragglers.window(
             [r[0] for r in per_rank], [r[1] for r in per_rank], wall
         )
         sums, counts = bins[0], bins[1]
         n = counts.sum().item()
-        samples = self.window_steps * self.global_batch
+        # Summed over ranks: with several resolutions the micro batches differ in size.
+        samples = sum(r[2] for r in per_rank)
+        tokens = sum(r[3] for r in per_rank)
         flops_per_device = self.window_flops / max(wall, 1e-9)  # this rank = one device
         metrics = {
             "loss": (sums.sum() / n).item() if n else float("nan"),
@@ -486,7 +512,7 @@ class Trainer:
             "lr": self.lr,
             "grad_norm": _as_float(self.engine.get_global_grad_norm()),
             "samples_per_s": samples / max(wall, 1e-9),
-            "tokens_per_s": self.window_tokens * self.world / max(wall, 1e-9),
+            "tokens_per_s": tokens / max(wall, 1e-9),
             "tflops_per_s": flops_per_device / 1e12,
             "data_wait_frac": self.window_data_wait / max(wall, 1e-9),
             "skipped_steps": self.skipped_total,
@@ -499,6 +525,12 @@ class Trainer:
         )
         if peak:
             metrics["mfu"] = mfu(flops_per_device, peak)
+        resolutions = self.loader.stream.resolutions
+        if len(resolutions) > 1:  # the mix of bucket families in this window, all ranks
+            metrics["samples"] = int(samples)
+            metrics["micro_batches_by_resolution"] = {
+                str(r): int(sum(row[4 + i] for row in per_rank)) for i, r in enumerate(resolutions)
+            }
         if self.train.compile:
             metrics["compiled_graphs"] = compile_count()  # recompiles show up as growth
         self.metrics.log(self.step, {**metrics, **(extra or {})})

@@ -223,7 +223,9 @@ def test_missing_inception_weights_fail_before_generating(
 def test_sample_grid_directory_and_exported_weights_agree(trained_run, tiny_components, tmp_path):
     from training.export import main as export_main
 
+    # Exported weights carry no run config (so sample with SD3's shift 3): the same here.
     common = ["--components", str(tiny_components), "--steps", "3", "--seed", "5"]
+    common += ["--shift", "3.0"]
     prompts = ["--prompt", "a handwritten digit one", "--prompt", "a handwritten digit two"]
     grid = tmp_path / "grid.png"
     ckpt = ["--checkpoint", str(trained_run), "--ema"]
@@ -264,3 +266,15 @@ def test_sample_refuses_ema_for_an_exported_file_and_bad_sizes(
     with pytest.raises(SystemExit):
         sample_main(["--checkpoint", str(target), *base, "--size", "30x32"])
     assert "multiple of 16" in capsys.readouterr().err
+
+
+def test_sample_defaults_to_the_training_runs_shift(trained_run, tiny_components, tmp_path):
+    # trained_run sets neither eval.shift nor train.shift: it trained unshifted and samples so.
+    base = ["--components", str(tiny_components), "--prompt", "a digit", "--steps", "1"]
+    out = tmp_path / "default"
+    assert sample_main(["--checkpoint", str(trained_run), *base, "--out", str(out)]) == 0
+    assert json.loads((out / "settings.json").read_text())["shift"] == 1.0
+    again = tmp_path / "explicit"
+    args = ["--checkpoint", str(trained_run), *base, "--shift", "2.5", "--out", str(again)]
+    assert sample_main(args) == 0
+    assert json.loads((again / "settings.json").read_text())["shift"] == 2.5

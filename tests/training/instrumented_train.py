@@ -23,6 +23,9 @@ product code):
   inside each optimizer step (Trainer.train_step: micro batches, backward, update, EMA), by
   the file, line and function that made them; every rank writes DIR/syncs_rank_{r}.json as
   {step: {"file:line function": count}}.
+- MMDIT_TEST_SIGMA_DUMP=DIR: every rank appends one JSON line per micro batch to
+  DIR/sigmas_rank_{r}.jsonl: step, latent shape, the sigmas the loss used and the unshifted
+  sigmas the same generator state draws (sample_sigmas without train.shift).
 """
 
 from __future__ import annotations
@@ -223,6 +226,44 @@ if signal_after:
         return applied
 
     Trainer.train_step = train_step_then_signal
+
+sigma_dump = os.environ.get("MMDIT_TEST_SIGMA_DUMP")
+if sigma_dump:
+    import torch
+
+    from mmdit import flow
+
+    sigma_out = Path(sigma_dump)
+    sigma_out.mkdir(parents=True, exist_ok=True)
+    loss_before_dump = Trainer.compute_loss
+
+    def compute_loss_recorded(self, x0, context, pooled, generator):
+        before = generator.get_state()
+        loss, sigma = loss_before_dump(self, x0, context, pooled, generator)
+        again = torch.Generator(generator.device)
+        again.set_state(before)
+        t = self.train
+        unshifted = flow.sample_sigmas(
+            x0.shape[0],
+            t.sigma_density,
+            logit_mean=t.logit_mean,
+            logit_std=t.logit_std,
+            mode_scale=t.mode_scale,
+            generator=again,
+            device=x0.device,
+        )
+        row = {
+            "step": self.step,
+            "shape": list(x0.shape),
+            "sigma": sigma.tolist(),
+            "unshifted": unshifted.tolist(),
+        }
+        with open(sigma_out / f"sigmas_rank_{self.rank}.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return loss, sigma
+
+    Trainer.compute_loss = compute_loss_recorded
+
 
 if __name__ == "__main__":
     sys.exit(train.main())

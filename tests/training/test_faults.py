@@ -159,10 +159,12 @@ def test_a_rank_stopped_in_a_step_is_named_and_the_rerun_resumes(
     # the limit; how far past it depends on the machine's load, not on a fixed number.
     waited = float(re.search(r"has been in step at step 4 for ([\d.]+) s", line).group(1))
     assert LIMIT_S <= waited < LIMIT_S + GRACE_S, line
-    # The stuck rank is named by its last heartbeat: from step 4, or from step 3 when it was
-    # stopped (as here, on entering the step) before its next beat was due.
-    stuck = rf"Stuck: rank 1 on {re.escape(host)} \(pid \d+\) in step at step [34],"
-    assert re.search(stuck, line), line
+    # The stuck rank is named by its last heartbeat, written once per period by a thread:
+    # from step 4, or from an earlier step when it was stopped (as here, on entering the step)
+    # before its next beat was due; under a heavy load the thread can miss several periods.
+    stuck = rf"Stuck: rank 1 on {re.escape(host)} \(pid \d+\) in step at step (\d+),"
+    match = re.search(stuck, line)
+    assert match and 1 <= int(match.group(1)) <= 4, line
     assert "Exiting with status 4" in line
     # The stopped rank was ended (SIGKILL) rather than left holding its memory.
     pid = int(re.search(r"rank 1 on \S+ \(pid (\d+)\)", line).group(1))

@@ -1,0 +1,20 @@
+"""The val-loss settings id names the bucket families only for multi-resolution runs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from data_pipeline.config import DataConfig
+from eval.evaluate import settings_id
+
+BASE = {"val_shards": "held_out", "val_samples": 64, "sigma_bins": 8, "noise_seed": 0}
+
+
+def _id(data: DataConfig) -> str:
+    return settings_id({**BASE, "data": dataclasses.asdict(data)}, "val_loss")
+
+
+def test_families_enter_the_id_and_one_resolution_ids_stay():
+    one = _id(DataConfig(resolution=256))
+    assert one == "b0a579c56817"  # the id before data.resolutions existed
+    assert _id(DataConfig(resolution=256, resolutions=(256, 512))) != one
