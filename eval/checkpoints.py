@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from mmdit.lora import Lora
 from mmdit.model import MMDiT, MMDiTConfig
 
 MANIFEST = "manifest.json"
@@ -292,8 +293,18 @@ def zero_state_dict(step_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     # DeepSpeed prints progress on stdout; keep stdout for what our commands report.
     with contextlib.redirect_stdout(sys.stderr):
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DS_TAG)
-    return dict(sd)
+        sd = dict(get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DS_TAG))
+    return sd
+
+
+def _frozen_from_module_state(step_dir: Path, sd: dict[str, torch.Tensor]) -> None:
+    """DeepSpeed's reader rebuilds frozen parameters (a LoRA run's base) from ZeRO-2/3's
+    fragments only; under ZeRO-1 they are in the module state it saves whole (same trust
+    caveat as zero_state_dict)."""
+    module_file = step_dir / DS_TAG / "mp_rank_00_model_states.pt"
+    if module_file.is_file():
+        module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+        sd.update({k: v.float() for k, v in module.items() if k not in sd and v.numel()})
 
 
 def complete_state_dict(
@@ -332,11 +343,58 @@ def complete_state_dict(
     return {k: out[k] for k in expected}
 
 
+def lora_scale_of(step_dir: str | os.PathLike) -> float | None:
+    """The LoRA scale (alpha / rank) of a LoRA fine-tuning checkpoint (lora.rank > 0 in its
+    config), None for any other."""
+    from mmdit.lora import scale
+
+    section = read_run_config(step_dir).get("lora") or {}
+    rank = int(section.get("rank", 0))
+    return scale(rank, float(section.get("alpha", 0.0))) if rank else None
+
+
+def load_checkpoint_lora(
+    step_dir: str | os.PathLike, ema: bool = False
+) -> tuple[MMDiTConfig, dict[str, torch.Tensor], Lora, float]:
+    """(model config, complete base state dict, LoRA per module, scale) of a LoRA fine-tuning
+    checkpoint. The frozen base weights come from the ZeRO shards (DeepSpeed keeps frozen
+    parameters there, in the run's precision), the adapters from the ZeRO shards or, with
+    `ema`, from the EMA (which holds the adapters only: the base never changes)."""
+    from mmdit import lora
+
+    step_dir = Path(step_dir)
+    scale = lora_scale_of(step_dir)
+    if scale is None:
+        raise CheckpointError(f"checkpoint {step_dir} is not a LoRA run (its lora.rank is 0)")
+    config = read_model_config(step_dir)
+    check_sizes(step_dir, lambda rel: rel.startswith(f"{DS_TAG}/"))
+    sd = zero_state_dict(step_dir)
+    if not any(k.endswith(".base_layer.weight") for k in sd):
+        _frozen_from_module_state(step_dir, sd)
+    if ema:
+        check_sizes(step_dir, lambda rel: rel.startswith("ema_rank_"))
+        averaged = ema_state_dict(step_dir)
+        unknown = sorted(set(averaged) - set(sd))
+        if unknown:
+            raise CheckpointError(f"EMA in {step_dir} has {unknown[:3]}, which the model lacks")
+        sd.update(averaged)
+    base, adapters = lora.split(sd)
+    base = {k: v.float() for k, v in base.items()}
+    return config, complete_state_dict(base, config, f"LoRA base in {step_dir}"), adapters, scale
+
+
 def load_checkpoint_weights(
     step_dir: str | os.PathLike, ema: bool = False
 ) -> tuple[MMDiTConfig, dict[str, torch.Tensor]]:
-    """(model config, complete MMDiT state dict) of a published checkpoint directory."""
+    """(model config, complete MMDiT state dict) of a published checkpoint directory; for a
+    LoRA fine-tuning run, the base weights with the LoRA merged (what the run's model
+    computes)."""
+    from mmdit import lora
+
     step_dir = Path(step_dir)
+    if lora_scale_of(step_dir) is not None:
+        config, base, adapters, scale = load_checkpoint_lora(step_dir, ema=ema)
+        return config, lora.merge(base, adapters, scale)
     config = read_model_config(step_dir)
     if ema:
         check_sizes(step_dir, lambda rel: rel.startswith("ema_rank_"))

@@ -322,6 +322,41 @@ def from_diffusers(
     return config, _apply_backward(rules, state_dict)
 
 
+def to_diffusers_lora(
+    lora: Mapping[str, tuple[torch.Tensor, torch.Tensor]], config: MMDiTConfig
+) -> StateDict:
+    """A LoRA on our modules -> the LoRA state dict diffusers loads
+    (`StableDiffusion3Pipeline.load_lora_weights`, keys
+    `transformer.<diffusers module>.lora_{A,B}.weight`).
+
+    `lora` maps our Linear's name (`blocks.0.x.attn.qkv`) to (A (r, in), B (out, r)) with the
+    scale already folded into B: diffusers reads a file without alphas as alpha = rank. The
+    base-weight rules decide the layout: a fused qkv becomes to_q/to_k/to_v with A shared and
+    B split in three row blocks (W = [Wq; Wk; Wv], so B @ A splits by rows the same way); a
+    (shift, scale) modulation whose rows diffusers keeps as (scale, shift) gets B's rows
+    swapped the same way.
+    """
+    rules = {r.ours: r for r in _diffusers_rules(config)}
+    out: StateDict = {}
+    for module, (a, b) in lora.items():
+        rule = rules.get(f"{module}.weight")
+        if rule is None:
+            raise ValueError(
+                f"LoRA on {module}: not a Linear that diffusers' SD3Transformer2DModel has"
+            )
+        if rule.kind == "split":
+            parts = b.chunk(len(rule.theirs), dim=0)
+        elif rule.kind == "swap":
+            parts = (_swap_halves(b),)
+        else:
+            parts = (b,)
+        for name, part in zip(rule.theirs, parts, strict=True):
+            prefix = "transformer." + name.removesuffix(".weight")
+            out[f"{prefix}.lora_A.weight"] = a.detach().clone().contiguous()
+            out[f"{prefix}.lora_B.weight"] = part.detach().clone().contiguous()
+    return out
+
+
 def save_diffusers(
     folder: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], config: MMDiTConfig
 ) -> Path:

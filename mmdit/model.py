@@ -316,7 +316,11 @@ class Attention(nn.Module):
         This stream's ln_q is then unused and gets no gradient.
         """
         B, N, _ = x.shape
-        k, v = self.qkv(x, kv_only=True).view(B, N, 2, self.num_heads, -1).unbind(2)
+        if isinstance(self.qkv, QKVLinear):
+            kv = self.qkv(x, kv_only=True)
+        else:  # wrapped (a LoRA adapter): the wrapper knows no kv_only; drop the query rows
+            kv = self.qkv(x)[..., self.qkv.out_features // 3 :]
+        k, v = kv.view(B, N, 2, self.num_heads, -1).unbind(2)
         if self.ln_k is not None:
             k = self.ln_k(k)
         return k, v  # 2 x (B, N, H, Dh)

@@ -18,6 +18,7 @@ from data_pipeline.config import DataConfig
 from eval.config import EvalConfig
 from mmdit.conditioning.config import ConditioningConfig
 from mmdit.conditioning.vae import SPATIAL_FACTOR as LATENT_FACTOR
+from mmdit.lora import scale as lora_scale
 from mmdit.model import MMDiTConfig
 
 
@@ -222,6 +223,56 @@ class FaultConfig:
             raise ValueError("faults.straggler_windows must be >= 1")
 
 
+# The Linear layers a LoRA may adapt, by their names in mmdit.model: inside every joint block
+# (both streams where the stream has the layer; attn2 only in dual-attention blocks) and at the
+# top level. All have a diffusers counterpart, so every choice exports (mmdit.convert).
+LORA_BLOCK_TARGETS = (
+    "attn.qkv",
+    "attn.proj",
+    "attn2.qkv",
+    "attn2.proj",
+    "mlp.fc1",
+    "mlp.fc2",
+    "modulation",
+)
+LORA_TOP_TARGETS = ("context_embedder", "final_layer.linear", "final_layer.modulation")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA fine-tuning (training.lora, with peft): rank 0 trains every weight; rank r > 0
+    freezes the model and trains W + (alpha / r) * B @ A on the `targets` Linears only."""
+
+    rank: int = 0
+    alpha: float = 0.0  # 0 = the rank (scale 1)
+    dropout: float = 0.0  # on the LoRA branch's input (peft's lora_dropout)
+    # Names from LORA_BLOCK_TARGETS and LORA_TOP_TARGETS. The default is the attention
+    # projections (q, k, v and out of both streams), as diffusers' SD3 LoRA script does.
+    targets: tuple[str, ...] = ("attn.qkv", "attn.proj")
+    # peft's init: "default" = A Kaiming-uniform, B zero (the model starts unchanged);
+    # "gaussian" = A normal(0, 1/rank), B zero.
+    init: Literal["default", "gaussian"] = "default"
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.rank, self.alpha) if self.rank else 0.0
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ValueError(f"lora.rank={self.rank}: must be >= 0 (0 = no LoRA)")
+        if self.alpha < 0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(
+                f"lora.alpha={self.alpha} must be >= 0 and lora.dropout={self.dropout} in [0, 1)"
+            )
+        known = LORA_BLOCK_TARGETS + LORA_TOP_TARGETS
+        unknown = [t for t in self.targets if t not in known]
+        if unknown or (self.rank and not self.targets):
+            raise ValueError(
+                f"lora.targets={list(self.targets)}: expected a non-empty list of "
+                f"{', '.join(known)}"
+            )
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: MMDiTConfig = field(default_factory=lambda: MMDiTConfig.preset("d2"))
@@ -231,6 +282,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self):
         # The largest bucket must fit the model's position table, or the run would fail at

@@ -83,6 +83,10 @@ class ShardedEMA:
         world: int = 1,
     ):
         self.decay = decay
+        # A LoRA run's frozen base weights (rank 0) and scale, which gather_model merges with
+        # the adapters' EMA (set by training.lora.attach_frozen_base).
+        self.frozen_base: dict[str, torch.Tensor] | None = None
+        self.lora_scale = 0.0
         self.rank, self.world = rank, world
         self.params = dict(named_params)
         # Shapes of the full tensors, from ZeRO's metadata where the param is partitioned.
@@ -182,6 +186,11 @@ def gather_model(ema: ShardedEMA, config, device: torch.device):
     weights = gather_full(ema)
     if weights is None:
         return None
+    if ema.frozen_base is not None:  # a LoRA run: the EMA holds the adapters (training.lora)
+        from mmdit import lora
+
+        base, adapters = lora.split({**ema.frozen_base, **weights})
+        weights = lora.merge({k: v.float() for k, v in base.items()}, adapters, ema.lora_scale)
     model = MMDiT(config.portable(), initialize=False)  # rank 0 alone: no kernel constraints
     state = model.state_dict()
     state.update(weights)

@@ -28,6 +28,27 @@ Formats (--format):
                holds the model config as JSON ("mmdit_config"); read it back with
                eval.checkpoints.read_mmdit_safetensors(OUT)
 
+  diffusers-pipeline
+               a folder that diffusers.StableDiffusion3Pipeline.from_pretrained(OUT) loads on its
+               own: transformer/ (as --format diffusers), scheduler/ (FlowMatchEuler with the
+               run's sampling shift, as mmdit-sample), the text encoders, tokenizers and VAE
+               from the run's conditioning.components or --components DIR (copied; --link
+               hardlink/symlink),
+               model_index.json and a model card README.md (config, data, steps, FLOPs, eval)
+  diffusers-lora
+               for a LoRA run (lora.rank > 0): OUT/pytorch_lora_weights.safetensors, the adapters
+               alone in diffusers' names with alpha / rank folded into lora_B, for
+               StableDiffusion3Pipeline.load_lora_weights(OUT) on the base model's pipeline
+
+LoRA runs: their checkpoints hold the frozen base and the adapters apart. --merge-lora writes
+base + (alpha / rank) * B @ A as ordinary weights in any of the first four formats (required
+there: a LoRA run exported without it would silently lose its adapters); --format
+diffusers-lora writes the adapters alone. With --ema the adapters are the EMA's.
+
+    mmdit-export --checkpoint runs/lora --format diffusers-lora --out out/lora
+    mmdit-export --checkpoint runs/lora --format diffusers --merge-lora --out out/merged
+    mmdit-export --checkpoint runs/d24 --format diffusers-pipeline --ema --out out/d24-pipeline
+
 --dtype casts every floating-point tensor (default fp32, as trained). The output is written
 to a temporary name next to OUT and moved into place at the end, so OUT is never half written;
 an existing OUT is replaced only with --overwrite.
@@ -49,12 +70,17 @@ from eval.checkpoints import (
     CONFIG_META_KEY,
     MANIFEST,
     CheckpointError,
+    load_checkpoint_lora,
     load_checkpoint_weights,
+    lora_scale_of,
+    read_run_config,
     resolve_checkpoint,
 )
+from mmdit.conditioning.components import ComponentError
 from mmdit.model import MMDiT
 
-FORMATS = ("diffusers", "sd3", "safetensors")
+FORMATS = ("diffusers", "sd3", "safetensors", "diffusers-pipeline", "diffusers-lora")
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -125,21 +151,45 @@ def export(
     ema: bool = False,
     dtype: str = "fp32",
     overwrite: bool = False,
+    merge_lora: bool = False,
+    components: str | os.PathLike | None = None,
+    link: str = "copy",
 ) -> ExportResult:
     """Export the checkpoint `checkpoint` names (see resolve_checkpoint) to `out`."""
     from mmdit import convert
+    from mmdit import lora as lora_weights
     from mmdit.typed_config import dumps_json
+    from training.pipeline_export import LINKS
 
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if link not in LINKS:
+        raise ExportError(f"--link {link!r}: expected one of {', '.join(LINKS)}")
     out = Path(out)
     if out.exists() and not overwrite:
         raise ExportError(f"--out {out} exists; pass --overwrite to replace it")
     step_dir = resolve_checkpoint(checkpoint)
     step = json.loads((step_dir / MANIFEST).read_text())["step"]
-    config, sd = load_checkpoint_weights(step_dir, ema=ema)
+    scale = lora_scale_of(step_dir)
+    if scale is None and (merge_lora or fmt == "diffusers-lora"):
+        what = "--merge-lora" if merge_lora else "--format diffusers-lora"
+        raise ExportError(
+            f"{what}: checkpoint {step_dir} has no LoRA (its lora.rank is 0); export its "
+            "weights without it"
+        )
+    if scale is not None and fmt != "diffusers-lora" and not merge_lora:
+        raise ExportError(
+            f"checkpoint {step_dir} is a LoRA run: pass --merge-lora to write base + LoRA "
+            "merged weights, or --format diffusers-lora to write the adapters alone"
+        )
+    lora = None
+    if scale is None:
+        config, sd = load_checkpoint_weights(step_dir, ema=ema)
+    else:
+        config, base, lora, scale = load_checkpoint_lora(step_dir, ema=ema)
+        sd = lora_weights.merge(base, lora, scale)
     sd = cast(sd, DTYPES[dtype])
     weights = "ema" if ema else "raw"
 
@@ -162,9 +212,25 @@ def export(
             tensors = convert.to_sd3_single_file(sd, config)
             _save_file(tensors, tmp, meta)
             files, num_tensors = [out], len(tensors)
-        else:
+        elif fmt == "safetensors":
             _save_file(sd, tmp, meta)
             files, num_tensors = [out], len(sd)
+        elif fmt == "diffusers-pipeline":
+            from training.pipeline_export import model_card, write_pipeline
+
+            card = model_card(step_dir, config, weights, merged=lora is not None)
+            run_config = read_run_config(step_dir)
+            write_pipeline(tmp, sd, config, run_config, card, components, link)
+            files = [out / p.name for p in sorted(tmp.iterdir())]
+            num_tensors = _count_tensors(tmp / "transformer" / convert.DIFFUSERS_WEIGHTS)
+        else:  # diffusers-lora
+            tensors = convert.to_diffusers_lora(lora_weights.scaled(lora, scale), config)
+            tensors = cast(tensors, DTYPES[dtype])
+            rank = next(iter(lora.values()))[0].shape[0]
+            meta.update({"mmdit_lora_rank": str(rank), "mmdit_lora_scale": repr(scale)})
+            tmp.mkdir()
+            _save_file(tensors, tmp / LORA_WEIGHTS, meta)
+            files, num_tensors = [out / LORA_WEIGHTS], len(tensors)
         _publish(tmp, out)
     except BaseException:
         _remove(tmp)
@@ -203,6 +269,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default="fp32", choices=tuple(DTYPES), help="floating-point dtype (fp32)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="LoRA runs: write base + LoRA merged weights (formats diffusers, sd3, "
+        "safetensors, diffusers-pipeline)",
+    )
+    parser.add_argument(
+        "--components",
+        metavar="DIR",
+        help="diffusers-pipeline: the SD3 diffusers folder with the text encoders, tokenizers "
+        "and VAE (default: the run's conditioning.components)",
+    )
+    parser.add_argument(
+        "--link",
+        default="copy",
+        choices=("copy", "hardlink", "symlink"),
+        help="diffusers-pipeline: copy the frozen components (default), or hard- or symlink them",
+    )
     return parser
 
 
@@ -217,8 +301,11 @@ def main(argv: list[str] | None = None) -> int:
             ema=args.ema,
             dtype=args.dtype,
             overwrite=args.overwrite,
+            merge_lora=args.merge_lora,
+            components=args.components,
+            link=args.link,
         )
-    except CheckpointError as e:
+    except (CheckpointError, ComponentError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(
         f"exported step {result.step} ({result.weights} weights, {result.num_params:,} "

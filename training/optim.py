@@ -32,28 +32,33 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if name in exempt else decay).append(param)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay, "name": GROUP_NAMES[0]},
         {"params": no_decay, "weight_decay": 0.0, "name": GROUP_NAMES[1]},
     ]
+    # DeepSpeed drops empty groups (a LoRA's adapters are all matrices: no no_decay group).
+    return [g for g in groups if g["params"]]
 
 
 GROUP_NAMES = ("decay", "no_decay")
 
 
-def repair_after_load(optimizer, train: TrainConfig) -> None:
+def repair_after_load(optimizer, train: TrainConfig, names: tuple[str, ...] = GROUP_NAMES) -> None:
     """Undo two side effects of loading a DeepSpeed universal checkpoint (seen with 0.19):
     it copies group 0's settings onto every group (weight decay included), and it gives all
     groups one shared `step` tensor, which AdamW then increments once per group per update,
     so the bias correction of group 1 runs a step ahead. The group settings are rewritten
-    from the config (a resumed run follows its config anyway) and the counters untied."""
+    from the config (a resumed run follows its config anyway) and the counters untied.
+    `names`: the groups build_optimizer made, in order (empty ones are left out)."""
     for state in optimizer.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
     groups = optimizer.param_groups
-    if len(groups) != len(GROUP_NAMES):
-        raise RuntimeError(f"expected {len(GROUP_NAMES)} param groups, found {len(groups)}")
-    for group, name in zip(groups, GROUP_NAMES, strict=True):
+    if len(groups) != len(names):
+        raise RuntimeError(
+            f"expected {len(names)} param groups, found {len(groups)} (built: {', '.join(names)})"
+        )
+    for group, name in zip(groups, names, strict=True):
         group["name"] = name
         group["weight_decay"] = train.weight_decay if name == "decay" else 0.0
         group["betas"] = tuple(train.betas)

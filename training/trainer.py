@@ -51,6 +51,7 @@ from training.checkpoint import DS_TAG, Checkpoint, CheckpointManager, Checkpoin
 from training.config import RunConfig
 from training.ds_config import accumulation_steps, deepspeed_config
 from training.ema import ShardedEMA
+from training.lora import add_lora, attach_frozen_base
 from training.metrics_log import MetricsLogger
 from training.model_inputs import ModelInputs
 from training.optim import build_optimizer, lr_at, repair_after_load
@@ -251,23 +252,32 @@ class Trainer:
         self.ds_config = deepspeed_config(self.config, self.world, load_universal=universal)
         model = self._build_model()
         t = self.train
+        # After the base weights exist, before DeepSpeed sees the module tree (training.lora).
+        model = add_lora(model, self.config.lora, t.seed)
         model.set_activation_checkpointing(
             t.activation_checkpointing, t.activation_checkpointing_every
         )
         if t.compile:
             compile_blocks(model)
         optimizer = build_optimizer(model, t, self.device)
+        self.group_names = tuple(g["name"] for g in optimizer.param_groups)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config
         )
         self.model_dtype = MODEL_DTYPES[t.precision]
-        if self.init_source is not None:  # exact fp32 values, before the EMA copies them
-            init_from.copy_into_master_weights(
-                self.engine, self.init_source, self.rank, self.world, self.device
-            )
-        self.ema = ShardedEMA(
-            self.engine.module.named_parameters(), t.ema_decay, self.rank, self.world
-        )
+        if self.init_source is not None:
+            if self.config.lora.rank:
+                # The loaded base is frozen (no fp32 master copy) and the adapters are new.
+                self.init_source.state_dict = None
+            else:  # exact fp32 values, before the EMA copies them
+                init_from.copy_into_master_weights(
+                    self.engine, self.init_source, self.rank, self.world, self.device
+                )
+        # The EMA follows the optimizer's fp32 masters, so the trained parameters only: all of
+        # them, or a LoRA's adapters (the frozen base needs no average: it never changes).
+        trained = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+        self.ema = ShardedEMA(trained, t.ema_decay, self.rank, self.world)
+        attach_frozen_base(self.ema, self.engine.module, self.config, self.rank)
         # After deepspeed.initialize: the timer's hooks must run after ZeRO-3's gather hooks.
         self.block_timer = BlockTimer(self.engine.module.blocks, self.device)
         f = self.config.faults
@@ -371,7 +381,7 @@ class Trainer:
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {checkpoint.path / self.load_tag}")
-        repair_after_load(self.engine.optimizer.optimizer, self.train)
+        repair_after_load(self.engine.optimizer.optimizer, self.train, self.group_names)
         self.ema.bind()  # loading may have replaced the optimizer's flat fp32 buffers
         self.ema.load(checkpoint.path)
         if checkpoint.world_size == self.world:

@@ -37,6 +37,7 @@ def run_dir(tmp_path_factory, digit_shards, tiny_components) -> Path:
         "train.checkpoint_every": 2,  # checkpoints at steps 2 and 3 (the last)
         "train.precision": "fp32",
         "train.lr": 1e-2,  # move the zero-initialised output layers well away from zero
+        "eval.shift": 2.0,  # not the components' scheduler shift (3.0): the export sets it
     }
     args = [
         "--config",
@@ -186,3 +187,98 @@ def test_checkpoint_forms_and_errors(run_dir, step3, tmp_path, capsys):
         main(["--checkpoint", str(damaged), "--format", "sd3", "--ema", "--out",
               str(tmp_path / "y")])  # fmt: skip
     assert "damaged" in capsys.readouterr().err
+
+
+def test_pipeline_export_loads_alone_and_samples_as_our_sampler(run_dir, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from eval.checkpoints import load_weights
+    from eval.loading import conditioning_of, load_text_encoders, load_vae
+    from mmdit.sampling import generate, initial_noise
+
+    out = tmp_path / "pipeline"
+    export("--checkpoint", run_dir, "--format", "diffusers-pipeline", "--out", out)
+    pipe = StableDiffusion3Pipeline.from_pretrained(out)  # nothing else passed
+    assert pipe.scheduler.config.shift == 2.0
+    card = (out / "README.md").read_text()
+    assert "step 3, raw weights" in card and "3 x global batch 2 = 6 samples" in card
+    assert "FLOPs" in card
+    assert "- loss: " in card and "```yaml" in card and "max_sequence_length=77" in card
+
+    prompt, size, steps, cfg, seed = "a handwritten digit seven", 32, 3, 2.0, 0
+    with torch.no_grad():
+        theirs = pipe(
+            prompt,
+            negative_prompt="",
+            num_inference_steps=steps,
+            guidance_scale=cfg,
+            height=size,
+            width=size,
+            latents=initial_noise(1, 16, size, size, seed),
+            max_sequence_length=77,
+            output_type="pt",
+        ).images
+    weights = load_weights(run_dir)
+    assert f"{sum(p.numel() for p in weights.model().parameters()):,} parameters" in card
+    cond = conditioning_of(weights, None)
+    encoders = load_text_encoders(cond, torch.device("cpu"))
+    text, negative = encoders.encode([prompt]), encoders.encode([""])
+    ours = generate(
+        weights.model(),
+        load_vae(cond, torch.device("cpu")),
+        text.context,
+        text.pooled,
+        neg_context=negative.context,
+        neg_pooled=negative.pooled,
+        height=size,
+        width=size,
+        seed=seed,
+        steps=steps,
+        cfg_scale=cfg,
+        shift=2.0,
+    )
+    expected = (ours / 2 + 0.5).clamp(0, 1)  # the pipeline's [0, 1] images
+    assert expected.std() > 0.01
+    torch.testing.assert_close(theirs, expected, atol=1e-4, rtol=0)
+
+
+def test_pipeline_export_links_components_and_needs_them(run_dir, tmp_path, capsys):
+    out = tmp_path / "linked"
+    export(
+        "--checkpoint", run_dir, "--format", "diffusers-pipeline", "--link", "symlink", "--out", out
+    )
+    assert (out / "vae").is_symlink() and (out / "text_encoder_3").is_symlink()
+    assert not (out / "transformer").is_symlink()
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "--checkpoint",
+                str(run_dir),
+                "--format",
+                "diffusers-pipeline",
+                "--components",
+                str(tmp_path / "nowhere"),
+                "--out",
+                str(tmp_path / "p2"),
+            ]
+        )
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "not found" in err
+    assert not (tmp_path / "p2").exists()
+
+
+def test_lora_flags_on_a_full_run_are_refused(run_dir, tmp_path, capsys):
+    for fmt in ("diffusers-lora", "diffusers"):
+        with pytest.raises(SystemExit):
+            main(
+                [
+                    "--checkpoint",
+                    str(run_dir),
+                    "--format",
+                    fmt,
+                    "--merge-lora",
+                    "--out",
+                    str(tmp_path / "x"),
+                ]
+            )
+        assert "has no LoRA (its lora.rank is 0)" in capsys.readouterr().err
