@@ -334,3 +334,31 @@ def test_lora_exports_say_what_to_pass(zero3_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is a LoRA run: pass --merge-lora" in err and "--format diffusers-lora" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_lora_on_weights_from_init_from_trains_the_attention_adapters(
+    reference_run, digit_shards, tiny_components, tmp_path
+):
+    """The fine-tuning path: base weights from another run (train.init_from, its EMA), frozen,
+    and adapters on the attention projections only, which a trained base lets learn."""
+    run = tmp_path / "run"
+    extra = {
+        "train.init_from": str(reference_run),
+        "lora.targets": "[attn.qkv,attn.proj]",
+        "train.max_steps": 2,
+    }
+    result = run_training(2, lora_args(run, digit_shards, tiny_components, **extra), timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    source = load_weights(str(reference_run), ema=True).state_dict
+    _, base, adapters, _ = load_checkpoint_lora(resolve_checkpoint(f"{run}:2"))
+    trained = {k for k in source if "pos_embed" not in k}
+    assert trained <= set(base)
+    for k in trained:  # the frozen base is the source's EMA, exactly (the run is fp32)
+        assert torch.equal(base[k], source[k].float()), k
+    # Block 0: both streams' qkv and proj; block 1 (context_pre_only): no text output proj.
+    assert len(adapters) == 7 and all(m.endswith(("attn.qkv", "attn.proj")) for m in adapters)
+    for module, (_, b) in adapters.items():
+        assert b.abs().max() > 1e-3, module  # every B trained away from peft's zero
