@@ -52,6 +52,8 @@ TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_id.txt"
 WANDB_DIR = "wandb"  # wandb.init(dir=RUN) puts its files in RUN/wandb
 RUN_CONFIG_FILE = "run_config.yaml"
+PREVIEW_TAG = "preview"
+PREVIEW_FILE = "previews/step_{step:08d}.png"  # where training.preview writes its grids
 # One TensorBoard chart per family of per-sigma-bin curves (each bin a line).
 SIGMA_BIN_LAYOUT = {
     "sigma bins": {
@@ -269,7 +271,13 @@ class MetricsLogger:
             step = record.pop("step")
             record.pop("time", None)
             if step > self._wandb_has:
-                self._wandb_run.log(_numeric(flatten(record)), step=step)
+                values = _numeric(flatten(record))
+                preview = self.run_dir / PREVIEW_FILE.format(step=step)
+                if preview.is_file():
+                    import wandb
+
+                    values[PREVIEW_TAG] = wandb.Image(str(preview), caption=f"step {step}")
+                self._wandb_run.log(values, step=step)
                 self._wandb_has = step
 
     # ---------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from training.checkpoint import DS_TAG, Checkpoint, CheckpointManager, Checkpoin
 from training.config import RunConfig
 from training.ds_config import accumulation_steps, deepspeed_config
 from training.ema import ShardedEMA
-from training.metrics_log import MetricsLogger
+from training.metrics_log import PREVIEW_TAG, MetricsLogger
 from training.model_inputs import ModelInputs
 from training.optim import build_optimizer, lr_at, repair_after_load
 from training.regional_compile import compile_blocks, compile_count
@@ -709,7 +709,7 @@ class Trainer:
         if self.previewer is not None and self.step % self.train.preview_every == 0:
             path = self._off_the_clock(lambda: self.previewer.render(self.ema, self.step))
             if path is not None:  # rank 0
-                self.metrics.image(self.step, "preview", path)
+                self.metrics.image(self.step, PREVIEW_TAG, path)
 
     def _off_the_clock(self, work):
         """Validation and previews: under the watchdog's eval limit, and not training time
