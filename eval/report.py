@@ -164,8 +164,8 @@ def _plot(ax, runs: list[Run], key: str, x: str = "step", style: str = "-", labe
         xs, ys = run.series(key, x)
         if xs:
             name = f"{run.name} {label}".strip() if len(runs) > 1 or label else run.name
-            dots = "." if len(xs) < 30 and "o" not in style else None
-            ax.plot(xs, ys, style, color=f"C{i}", label=name, marker=dots)
+            dots = {"marker": "."} if len(xs) < 30 and "o" not in style else {}
+            ax.plot(xs, ys, style, color=f"C{i}", label=name, **dots)
             drawn = True
     return drawn
 

@@ -222,7 +222,10 @@ class MetricsLogger:
             str(self.run_dir / TENSORBOARD_DIR),
             purge_step=resume_step + 1 if resume_step else None,
         )
-        self._tb.add_custom_scalars(SIGMA_BIN_LAYOUT)
+        # Step-0 events go in the first run's file only: in a resumed run's file, an event
+        # older than the newest step makes TensorBoard drop the steps after it.
+        if not resume_step:
+            self._tb.add_custom_scalars(SIGMA_BIN_LAYOUT)
         if config_yaml and not resume_step:
             # Markdown: indented four spaces, the YAML shows as a code block.
             text = "".join(f"    {line}\n" for line in config_yaml.splitlines())

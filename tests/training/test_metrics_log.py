@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 
 import numpy as np
 import pytest
@@ -174,14 +175,17 @@ def test_wandb_offline_resume_sends_each_step_once(tmp_path, monkeypatch):
         for step in (1, 2, 3, 4):
             log.log(step, {"loss": 1.0 / step})
     # Each logger here stands for one job: its files are complete once wandb's service (shared
-    # by the runs of a process) has stopped, as they are when a job's process has exited.
+    # by the runs of a process) has stopped, as they are when a job's process has exited; and
+    # jobs start seconds apart (wandb names a run's directory by the second it started).
     wandb.teardown()
+    time.sleep(1.1)
     # metrics.jsonl got step 5 but W&B did not (what a kill -9 leaves).
     with open(tmp_path / METRICS_FILE, "a") as f:
         f.write(json.dumps({"step": 5, "time": 0.0, "loss": 0.2}) + "\n")
     with MetricsLogger(tmp_path, **common, resume_step=5) as log:
         log.log(6, {"loss": 1.0 / 6})
     wandb.teardown()
+    time.sleep(1.1)
     with MetricsLogger(tmp_path, **common, resume_step=2) as log:  # an older checkpoint
         for step in (3, 4, 5, 6, 7):
             log.log(step, {"loss": 1.0 / step})
