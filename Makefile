@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 PIP := $(PY) -m pip
 
-.PHONY: setup slurm-deps test demo lint format lock clean
+.PHONY: setup slurm-deps browser-deps test demo lint format lock clean
 
 setup: $(STAMP)
 
@@ -29,7 +29,12 @@ $(STAMP): requirements.lock pyproject.toml
 slurm-deps:
 	bash scripts/install_slurm.sh
 
-test: $(STAMP) slurm-deps
+# tests/eval/test_report.py opens mmdit-report's page in a headless Chromium (Debian's
+# chromium package; same policy as slurm-deps: a no-op when present, never fails the build).
+browser-deps:
+	bash scripts/install_browser.sh
+
+test: $(STAMP) slurm-deps browser-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The main job at toy size (scripts/demo.py): data from installed packages -> shards -> tiny
@@ -52,7 +57,7 @@ format: $(STAMP)
 # the locked version (bump it by hand together with its matching torchvision).
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/pip install --quiet "$$(grep '^torch===' requirements.lock)" -e '.[test]'
+	.venv-lock/bin/pip install --quiet "$$(grep '^torch===' requirements.lock)" -e '.[test,wandb]'
 	{ head -4 requirements.lock; .venv-lock/bin/pip freeze --all --exclude-editable \
 	  | grep -v '^pip==' | sed -E 's/^(torch|torchvision)==/\1===/'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock && rm -rf .venv-lock

@@ -15,7 +15,8 @@ Every stage is one of the commands a cluster run uses, on the same code path:
     (mmdit-scaling);
  5. an export to a diffusers folder (mmdit-export) and one image generated from it through
     diffusers.StableDiffusion3Pipeline;
- 6. a list of where every artefact is.
+ 6. a list of where every artefact is, and the run report (mmdit-report: one HTML page of
+    curves, the eval table and the preview grids).
 A stage whose outputs exist is skipped (delete OUT to start over).
 """
 
@@ -89,6 +90,8 @@ def train_overrides(out: Path, quick: bool) -> list[str]:
             "train.max_steps=40",
             "train.checkpoint_every=20",
             "eval.val_every=20",
+            "train.preview_every=10",
+            "train.log_every=5",
             "train.ema_decay=0.9",  # so the EMA moves within 40 steps
         ]
     return overrides
@@ -228,7 +231,10 @@ print("diffusers.StableDiffusion3Pipeline wrote", sys.argv[2], image.size)
 
 
 def report(out: Path) -> dict:
-    stage("6/6 artefacts")
+    stage("6/6 artefacts and the run report")
+    from eval.report import write_report
+
+    page = write_report([out / "train"], out / "report.html", [out / "eval"])
     metrics = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
     artefacts = {
@@ -245,6 +251,7 @@ def report(out: Path) -> dict:
         "scaling fit and plots": out / "scaling",
         "diffusers export": out / "export" / "transformer",
         "image from StableDiffusion3Pipeline": out / "diffusers_sample.png",
+        "run report (mmdit-report)": page,
     }
     for name, path in artefacts.items():
         print(f"  {name:38s} {path}")
@@ -252,6 +259,7 @@ def report(out: Path) -> dict:
         print(f"  validation loss (EMA): step {val[0][0]}: {val[0][1]:.4f} -> step "
               f"{val[-1][0]}: {val[-1][1]:.4f}")  # fmt: skip
     print(f"  tensorboard --logdir {out / 'train' / 'tensorboard'}")
+    print(f"  run report: open {page}")
     return {"artefacts": {k: str(v) for k, v in artefacts.items()}, "val_loss": val}
 
 

@@ -10,6 +10,20 @@ will redo. On open, `metrics.jsonl` keeps only the lines with step <= resume_ste
 line torn by a crash mid-write), and TensorBoard purges events after resume_step, so every
 step appears once and the loss curve continues where the checkpoint left it.
 
+W&B on resume (and on a Slurm requeue): the run id lives in RUN/wandb_id.txt and the run is
+reopened with resume="allow", so every incarnation appends to one W&B run. W&B may hold fewer
+steps than metrics.jsonl (a kill -9 loses the rows it had not written) or more than the
+checkpoint (steps the resumed run redoes): steps it lacks up to resume_step are replayed from
+metrics.jsonl, and steps it already has are not sent again, so each step is in it once. What
+W&B holds is read from its offline files (training.wandb_offline) in offline mode and from the
+resumed run's starting step online.
+
+Beyond scalars: `image` (preview grids) and `histogram` (the sigmas the sampler drew) go to
+TensorBoard and W&B; the per-sigma-bin losses get one TensorBoard chart per family (custom
+scalars) and the validation loss per bin a W&B bar chart. The resolved run file is written to
+RUN/run_config.yaml, shown in TensorBoard's text tab and attached to the W&B run (its config
+is the run file as a mapping).
+
 Metric names the console line understands (all optional): ``loss``, ``lr``,
 ``samples_per_s``, ``tflops_per_s`` (TFLOP/s per device), ``mfu`` and ``data_wait_frac``
 (fractions in [0, 1]). Nested mappings (e.g. loss per sigma bin) are kept nested in JSONL
@@ -36,6 +50,17 @@ from typing import Any
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_id.txt"
+WANDB_DIR = "wandb"  # wandb.init(dir=RUN) puts its files in RUN/wandb
+RUN_CONFIG_FILE = "run_config.yaml"
+PREVIEW_TAG = "preview"
+PREVIEW_FILE = "previews/step_{step:08d}.png"  # where training.preview writes its grids
+# One TensorBoard chart per family of per-sigma-bin curves (each bin a line).
+SIGMA_BIN_LAYOUT = {
+    "sigma bins": {
+        "training loss per sigma bin": ["Multiline", [r"loss_by_sigma/.*"]],
+        "validation loss per sigma bin": ["Multiline", [r"val_loss_by_sigma/.*"]],
+    }
+}
 RESERVED_KEYS = ("step", "time")
 
 # Weight of the newest interval in the smoothed step rate: responsive enough to follow a real
@@ -70,6 +95,12 @@ def _plain(name: str, value: Any) -> Any:
         "MetricsLogger.log takes python numbers only: reduce device tensors with .item() "
         "on log steps (never every step, which would sync the host with the device)"
     )
+
+
+def _numeric(flat: Mapping[str, Any]) -> dict[str, float | int]:
+    return {
+        k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def _read_kept_lines(path: Path, resume_step: int) -> tuple[list[str], bool]:
@@ -142,9 +173,12 @@ class MetricsLogger:
         wandb_mode: str = "online",
         run_name: str = "",
         config: dict | None = None,
+        config_yaml: str = "",
         clock: Callable[[], float] = time.monotonic,
     ):
-        """`clock` measures the step rate for the ETA (wall clock; injectable for tests)."""
+        """`config`: the run file as a mapping (W&B's config); `config_yaml`: the resolved run
+        file's text (RUN/run_config.yaml). `clock` measures the step rate for the ETA (wall
+        clock; injectable for tests)."""
         if resume_step < 0:
             raise ValueError(f"resume_step={resume_step} must be >= 0")
         if wandb_project and importlib.util.find_spec("wandb") is None:
@@ -165,16 +199,20 @@ class MetricsLogger:
         self._jsonl = None
         self._tb = None
         self._wandb_run = None
+        self._wandb_has = -1  # the highest step the W&B run already holds (-1: none)
         self._warned = False  # a write failed (warned once; metrics are not worth a crash)
         if not is_writer:
             return
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / METRICS_FILE
+        kept: list[str] = []
         if self.metrics_path.exists():
             kept, dropped = _read_kept_lines(self.metrics_path, resume_step)
             if dropped:
                 _write_atomically(self.metrics_path, "".join(kept))
+        if config_yaml:
+            _write_atomically(self.run_dir / RUN_CONFIG_FILE, config_yaml)
         self._jsonl = open(self.metrics_path, "ab", buffering=0)  # noqa: SIM115
 
         # Imported here: tensorboard is only needed where something is written.
@@ -184,13 +222,24 @@ class MetricsLogger:
             str(self.run_dir / TENSORBOARD_DIR),
             purge_step=resume_step + 1 if resume_step else None,
         )
+        # Step-0 events go in the first run's file only: in a resumed run's file, an event
+        # older than the newest step makes TensorBoard drop the steps after it.
+        if not resume_step:
+            self._tb.add_custom_scalars(SIGMA_BIN_LAYOUT)
+        if config_yaml and not resume_step:
+            # Markdown: indented four spaces, the YAML shows as a code block.
+            text = "".join(f"    {line}\n" for line in config_yaml.splitlines())
+            self._tb.add_text(RUN_CONFIG_FILE, text, global_step=0)
         if wandb_project:
             self._wandb_run = self._init_wandb(
-                wandb_project, wandb_entity, wandb_mode, run_name, config
+                wandb_project, wandb_entity, wandb_mode, run_name, config, bool(config_yaml)
             )
+            self._replay_to_wandb(kept)
 
-    def _init_wandb(self, project, entity, mode, run_name, config):
+    def _init_wandb(self, project, entity, mode, run_name, config, attach_config):
         import wandb
+
+        from training import wandb_offline
 
         # The id persists in the run directory so a resumed (or requeued) job appends to the
         # same W&B run instead of starting a new one.
@@ -200,7 +249,9 @@ class MetricsLogger:
         else:
             run_id = uuid.uuid4().hex[:12]
             _write_atomically(id_path, run_id + "\n")
-        return wandb.init(
+        if mode == "offline":
+            self._wandb_has = wandb_offline.last_step(self.run_dir / WANDB_DIR, run_id)
+        run = wandb.init(
             project=project,
             entity=entity or None,
             mode=mode,
@@ -210,6 +261,27 @@ class MetricsLogger:
             config=config,
             dir=str(self.run_dir),
         )
+        if mode != "offline":  # the server says where the resumed run's history ends
+            self._wandb_has = run.starting_step - 1
+        if attach_config:
+            run.save(str(self.run_dir / RUN_CONFIG_FILE), base_path=str(self.run_dir), policy="now")
+        return run
+
+    def _replay_to_wandb(self, kept_lines: list[str]) -> None:
+        """Send W&B the logged steps it lacks (up to resume_step) from metrics.jsonl."""
+        for line in kept_lines:
+            record = json.loads(line)
+            step = record.pop("step")
+            record.pop("time", None)
+            if step > self._wandb_has:
+                values = _numeric(flatten(record))
+                preview = self.run_dir / PREVIEW_FILE.format(step=step)
+                if preview.is_file():
+                    import wandb
+
+                    values[PREVIEW_TAG] = wandb.Image(str(preview), caption=f"step {step}")
+                self._wandb_run.log(values, step=step)
+                self._wandb_has = step
 
     # ---------------------------------------------------------------------------------------
 
@@ -231,10 +303,7 @@ class MetricsLogger:
         except OSError as e:  # a full disk must not end training; this line is lost
             self._disk_trouble(f"{METRICS_FILE} not written", e)
 
-        flat = flatten(values)
-        numeric = {
-            k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
+        numeric = _numeric(flatten(values))
         if self._tb is not None:
             try:
                 for name, value in numeric.items():
@@ -243,9 +312,78 @@ class MetricsLogger:
                 # It raises that error on every later call: stop writing events this run.
                 self._disk_trouble("TensorBoard events no longer written", e)
                 self._tb = None
-        if self._wandb_run is not None:
+        if self._to_wandb(step):
+            import wandb
+
+            by_bin = values.get("val_loss_by_sigma")
+            if isinstance(by_bin, Mapping) and by_bin:
+                rows = [[int(k.removeprefix("bin")), v] for k, v in by_bin.items()]
+                table = wandb.Table(data=rows, columns=["sigma bin", "val loss"])
+                numeric["val_loss_by_sigma_chart"] = wandb.plot.bar(
+                    table, "sigma bin", "val loss", title="validation loss per sigma bin"
+                )
             self._wandb_run.log(numeric, step=step)
         print(self.console_line(step, values), flush=True)
+
+    def _to_wandb(self, step: int) -> bool:
+        """Whether `step` goes to W&B: not when the W&B run already holds it."""
+        return self._wandb_run is not None and step > self._wandb_has
+
+    def image(self, step: int, tag: str, path: str | os.PathLike) -> None:
+        """A PNG (a preview grid) as an image at `step`, to TensorBoard and W&B."""
+        if not self.is_writer:
+            return
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as img:
+            pixels = np.asarray(img.convert("RGB"))
+        if self._tb is not None:
+            try:
+                self._tb.add_image(tag, pixels, global_step=step, dataformats="HWC")
+            except Exception as e:
+                self._disk_trouble("TensorBoard events no longer written", e)
+                self._tb = None
+        if self._to_wandb(step):
+            import wandb
+
+            self._wandb_run.log({tag: wandb.Image(str(path), caption=f"step {step}")}, step=step)
+
+    def histogram(self, step: int, tag: str, counts: list[float], low: float, high: float) -> None:
+        """Counts in equal bins over [low, high] (a histogram accumulated on the device over
+        the log window), to TensorBoard and W&B."""
+        if not self.is_writer:
+            return
+        import numpy as np
+
+        counts_np = np.asarray(counts, dtype=np.float64)
+        edges = np.linspace(low, high, len(counts_np) + 1)
+        n = counts_np.sum()
+        if n <= 0:
+            return
+        centers = (edges[:-1] + edges[1:]) / 2
+        if self._tb is not None:
+            used = np.nonzero(counts_np)[0]
+            try:
+                self._tb.add_histogram_raw(
+                    tag,
+                    min=float(edges[used[0]]),
+                    max=float(edges[used[-1] + 1]),
+                    num=int(n),
+                    sum=float((counts_np * centers).sum()),  # bin centres: the draws are gone
+                    sum_squares=float((counts_np * centers**2).sum()),
+                    bucket_limits=edges[1:].tolist(),
+                    bucket_counts=counts_np.tolist(),
+                    global_step=step,
+                )
+            except Exception as e:
+                self._disk_trouble("TensorBoard events no longer written", e)
+                self._tb = None
+        if self._to_wandb(step):
+            import wandb
+
+            hist = wandb.Histogram(np_histogram=(counts_np, edges))
+            self._wandb_run.log({tag: hist}, step=step)
 
     def _disk_trouble(self, what: str, error: Exception) -> None:
         if not self._warned:

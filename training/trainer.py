@@ -52,7 +52,7 @@ from training.config import RunConfig
 from training.ds_config import accumulation_steps, deepspeed_config
 from training.ema import ShardedEMA
 from training.lora import add_lora, attach_frozen_base
-from training.metrics_log import MetricsLogger
+from training.metrics_log import PREVIEW_TAG, MetricsLogger
 from training.model_inputs import ModelInputs
 from training.optim import build_optimizer, lr_at, repair_after_load
 from training.regional_compile import compile_blocks, compile_count
@@ -69,6 +69,8 @@ EXIT_PREEMPTED = 3  # checkpointed on request/signal before max_steps; resubmit 
 EXIT_STORAGE = 5
 CHECKPOINT_REQUEST_FILE = "CHECKPOINT_NOW"  # touch RUN/CHECKPOINT_NOW to get one
 MODEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The sigmas the sampler drew, per log window: fine enough to show the logit-normal's shape.
+SIGMA_HISTOGRAM_BINS = 50
 
 
 class NonFiniteError(RuntimeError):
@@ -176,6 +178,7 @@ class Trainer:
             wandb_mode=self.train.wandb_mode,
             run_name=self.run_dir.name,
             config=to_dict(self.config),
+            config_yaml=dumps_yaml(self.config),
         )
         if self.init_source is not None:
             self.metrics.log(0, self.init_source.record)  # what this run started from
@@ -404,6 +407,7 @@ class Trainer:
     def _reset_log_window(self) -> None:
         bins = self.config.eval.sigma_bins
         self.loss_bins = torch.zeros(2, bins, dtype=torch.float64, device=self.device)
+        self.sigma_hist = torch.zeros(SIGMA_HISTOGRAM_BINS, device=self.device)
         self.window_start = time.perf_counter()
         self.window_steps = 0
         self.window_flops = 0.0
@@ -449,6 +453,7 @@ class Trainer:
                 idx = (sigma * bins).long().clamp_(0, bins - 1)
                 step_bins[0].index_add_(0, idx, loss.detach().double())
                 step_bins[1].index_add_(0, idx, torch.ones_like(loss, dtype=torch.float64))
+                self.sigma_hist += torch.histc(sigma.float(), SIGMA_HISTOGRAM_BINS, 0, 1)
             self._count_work(x0, context)
             self._count_resolution(batch["bucket"])
         applied = not getattr(self.engine.optimizer, "overflow", False)
@@ -556,6 +561,14 @@ class Trainer:
             "lr": self.lr,
             "grad_norm": _as_float(self.engine.get_global_grad_norm()),
             "samples_per_s": samples / max(wall, 1e-9),
+            # x axes for the report: what the eval table calls samples_seen and train_flops
+            # (samples of the smallest resolution; FLOPs at this window's mean per sample).
+            "samples_seen": self.step * self.global_batch,
+            "train_flops": self.step
+            * self.global_batch
+            * self.window_flops
+            * self.world
+            / max(samples, 1),
             "tokens_per_s": tokens / max(wall, 1e-9),
             "tflops_per_s": flops_per_device / 1e12,
             "data_wait_frac": self.window_data_wait / max(wall, 1e-9),
@@ -578,6 +591,8 @@ class Trainer:
         if self.train.compile:
             metrics["compiled_graphs"] = compile_count()  # recompiles show up as growth
         self.metrics.log(self.step, {**metrics, **(extra or {})})
+        drawn = distributed.all_reduce_sum(self.sigma_hist).tolist()
+        self.metrics.histogram(self.step, "sigma_drawn", drawn, 0.0, 1.0)
         self._reset_log_window()
 
     def _client_state(self) -> dict:
@@ -775,7 +790,9 @@ class Trainer:
 
     def _preview(self) -> None:
         if self.previewer is not None and self.step % self.train.preview_every == 0:
-            self._off_the_clock(lambda: self.previewer.render(self.ema, self.step))
+            path = self._off_the_clock(lambda: self.previewer.render(self.ema, self.step))
+            if path is not None:  # rank 0
+                self.metrics.image(self.step, PREVIEW_TAG, path)
 
     def _off_the_clock(self, work):
         """Validation and previews: under the watchdog's eval limit, and not training time

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 
 import numpy as np
 import pytest
@@ -157,3 +158,41 @@ def test_a_full_disk_loses_metrics_lines_but_never_ends_the_run(tmp_path, capsys
         with MetricsLogger(mnt / "run", is_writer=True, max_steps=100, resume_step=199) as log:
             log.log(200, {"loss": 0.1})  # space again: the file goes on, still whole lines
         assert read_jsonl(mnt / "run")[-1]["step"] == 200
+
+
+def test_wandb_offline_resume_sends_each_step_once(tmp_path, monkeypatch):
+    """A rerun from a checkpoint older than W&B's last row does not send those steps again,
+    and a step W&B lacks (logged to metrics.jsonl only) is replayed from metrics.jsonl."""
+    wandb = pytest.importorskip("wandb", reason="wandb is the '.[wandb]' extra (make setup has it)")
+    from training import wandb_offline
+    from training.metrics_log import WANDB_DIR, WANDB_ID_FILE
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    common = dict(is_writer=True, max_steps=10, wandb_project="p", wandb_mode="offline")
+    with MetricsLogger(tmp_path, **common, config={"lr": 1}, config_yaml="lr: 1\n") as log:
+        for step in (1, 2, 3, 4):
+            log.log(step, {"loss": 1.0 / step})
+    # Each logger here stands for one job: its files are complete once wandb's service (shared
+    # by the runs of a process) has stopped, as they are when a job's process has exited; and
+    # jobs start seconds apart (wandb names a run's directory by the second it started).
+    wandb.teardown()
+    time.sleep(1.1)
+    # metrics.jsonl got step 5 but W&B did not (what a kill -9 leaves).
+    with open(tmp_path / METRICS_FILE, "a") as f:
+        f.write(json.dumps({"step": 5, "time": 0.0, "loss": 0.2}) + "\n")
+    with MetricsLogger(tmp_path, **common, resume_step=5) as log:
+        log.log(6, {"loss": 1.0 / 6})
+    wandb.teardown()
+    time.sleep(1.1)
+    with MetricsLogger(tmp_path, **common, resume_step=2) as log:  # an older checkpoint
+        for step in (3, 4, 5, 6, 7):
+            log.log(step, {"loss": 1.0 / step})
+    wandb.teardown()
+    run_id = (tmp_path / WANDB_ID_FILE).read_text().strip()
+    files = wandb_offline.run_files(tmp_path / WANDB_DIR, run_id)
+    steps = [sorted(wandb_offline.history(p)) for p in files]
+    assert steps == [[1, 2, 3, 4], [5, 6], [7]]
+    assert json.loads(wandb_offline.history(files[1])[5]["loss"]) == 0.2
+    assert [r["step"] for r in read_jsonl(tmp_path)] == [1, 2, 3, 4, 5, 6, 7]
