@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from data_pipeline.config import DataConfig
 from mmdit.model import MMDiT, MMDiTConfig
 from tests.mmdit.tiny_mmdit import tiny
 from training.config import RunConfig, TrainConfig
@@ -59,7 +60,8 @@ def test_deepspeed_config_derives_from_the_run_config(h, precision):
     train = TrainConfig(
         micro_batch_size=2, global_batch_size=24, precision=precision, grad_clip=0.5
     )
-    cfg = deepspeed_config(RunConfig(model=model, train=train), world_size=3)
+    data = DataConfig(resolution=64)  # buckets within the tiny model's position grid
+    cfg = deepspeed_config(RunConfig(model=model, data=data, train=train), world_size=3)
     assert cfg["train_micro_batch_size_per_gpu"] == 2
     assert cfg["gradient_accumulation_steps"] == 4
     assert cfg["train_batch_size"] == 24
