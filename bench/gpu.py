@@ -496,7 +496,10 @@ def model_config(sizes: Sizes) -> MMDiTConfig:
     from mmdit.typed_config import load
     from training.config import RunConfig
 
-    return load(RunConfig, str(ROOT / CONFIG_FILE), list(sizes.model_overrides)).model
+    # The data resolution follows the sizes too: the run file check rejects buckets wider
+    # than the (tiny) model's position grid.
+    overrides = [*sizes.model_overrides, f"data.resolution={sizes.bucket_resolution}"]
+    return load(RunConfig, str(ROOT / CONFIG_FILE), overrides).model
 
 
 def attention_inputs(run: Run, batch: int, n_tokens: int, cfg: MMDiTConfig):
