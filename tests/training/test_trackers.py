@@ -76,9 +76,11 @@ def test_both_incarnations_append_to_one_wandb_run_from_rank_0_only(watched_run)
     # One offline run per job (rank 1 never opens one), both with the id kept in the run dir.
     assert len(files) == 2, sorted(p.parent.name for p in (watched_run / WANDB_DIR).iterdir())
     assert sorted((watched_run / WANDB_DIR).glob("offline-run-*")) == [f.parent for f in files]
-    for path in files:
+    # The killed job's file may hold nothing past its header (wandb buffers its writes: that
+    # is why steps are replayed); whatever it holds, and the resumed job's file, name the id.
+    for i, path in enumerate(files):
         runs = [r.run for r in wandb_offline.records(path) if r.WhichOneof("record_type") == "run"]
-        assert runs and {r.run_id for r in runs} == {run_id}
+        assert (runs or i < len(files) - 1) and {r.run_id for r in runs} <= {run_id}
 
 
 def test_wandb_holds_every_logged_step_once_with_the_jsonl_numbers(watched_run):
@@ -105,7 +107,8 @@ def test_wandb_holds_every_logged_step_once_with_the_jsonl_numbers(watched_run):
 
 
 def test_wandb_gets_the_config_and_the_resolved_run_file(watched_run):
-    path = wandb_offline.run_files(watched_run / WANDB_DIR, _run_id(watched_run))[0]
+    # The resumed job's file: the killed one's may hold no records at all (buffered writes).
+    path = wandb_offline.run_files(watched_run / WANDB_DIR, _run_id(watched_run))[-1]
     run = next(r.run for r in wandb_offline.records(path) if r.WhichOneof("record_type") == "run")
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
     assert config["train"]["max_steps"] == STEPS and config["eval"]["sigma_bins"] == 4
