@@ -82,6 +82,10 @@ def test_tensorboard_purges_the_steps_a_resumed_run_redoes(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     write_steps(tmp_path, range(1, 11))
+    # TensorBoard reads a directory's event files in name order, and the name starts with the
+    # creation second: a real resume starts long after the first writer; here, wait for the
+    # next second (two files of one second sort by host and pid, seen failing on a clean clone).
+    time.sleep(1.1)
     write_steps(tmp_path, range(7, 9), resume_step=6)
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
