@@ -57,7 +57,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.components
         if root is None:
-            from mmdit.tiny_components import make_tiny_components
+            from mmdit.testing.components import make_tiny_components
 
             root = make_tiny_components(Path(tmp) / "tiny", seed=0)
         text = TextEncoders.from_pretrained(

@@ -946,10 +946,10 @@ def trainer_overrides(
 def prepare_cache(run: Run, work: Path) -> tuple[Path, Path]:
     """Tiny components, photo shards at the trainer's resolution and their cache, all made with
     the project's own tools. Returns (components, cache dir)."""
-    from data_pipeline.demo_data import photo_samples
     from data_pipeline.precompute import main as precompute_main
     from data_pipeline.shards import Item, write_shards
-    from mmdit.tiny_components import make_tiny_components
+    from data_pipeline.testing.demo_set import photo_samples
+    from mmdit.testing.components import make_tiny_components
 
     s = run.sizes
     components = make_tiny_components(work / "components", seed=0)

@@ -132,7 +132,7 @@ def train(out: Path, quick: bool) -> None:
 
 def evaluate(out: Path, quick: bool) -> None:
     stage("4/6 samples, evaluation table, scaling mini-ladder")
-    from data_pipeline.demo_data import DIGIT_WORDS
+    from data_pipeline.testing.demo_set import DIGIT_WORDS
 
     prompts = out / "prompts.txt"
     prompts.write_text("".join(f"a handwritten digit {w}\n" for w in DIGIT_WORDS) * 2)

@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_components(tmp_path_factory):
     """A seeded tiny SD3 component directory (diffusers layout), built once per session."""
-    from mmdit.tiny_components import make_tiny_components
+    from mmdit.testing.components import make_tiny_components
 
     return make_tiny_components(tmp_path_factory.mktemp("components") / "sd3-tiny", seed=0)
 

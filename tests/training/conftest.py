@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.demo_data import DIGIT_WORDS, render_digit
+from data_pipeline.testing.demo_set import DIGIT_WORDS, render_digit
 from mmdit.distributed import free_ports
 
 REPO = Path(__file__).resolve().parents[2]

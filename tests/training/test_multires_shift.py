@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline.demo_data import DIGIT_WORDS, render_digit
+from data_pipeline.testing.demo_set import DIGIT_WORDS, render_digit
 from mmdit import flow
 from tests.training.conftest import losses, read_metrics, run_training, train_overrides
 

@@ -15,8 +15,16 @@ import pytest
 import torch
 from PIL import Image
 
-from mmdit import tiny_components as tc
 from mmdit.conditioning import VAE
+from mmdit.testing import components as tiny_set
+from mmdit.testing.spec import COMPONENT_DIRS, SEED_OFFSETS, VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR
+from mmdit.testing.vae import (
+    VaeFit,
+    find_fit_images,
+    fit_vae_to_images,
+    load_fit_images,
+    write_random_vae,
+)
 
 N_FIT, N_HELD_OUT = 64, 16
 RESOLUTION = 32
@@ -48,8 +56,8 @@ def digit_dirs(tmp_path_factory) -> tuple[Path, Path]:
     return root / "fit", root / "held_out"
 
 
-def _fit(images_dir: Path, steps: int = STEPS) -> tc.VaeFit:
-    return tc.VaeFit(images_dir, steps=steps, resolution=RESOLUTION, batch_size=BATCH)
+def _fit(images_dir: Path, steps: int = STEPS) -> VaeFit:
+    return VaeFit(images_dir, steps=steps, resolution=RESOLUTION, batch_size=BATCH)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +71,7 @@ def fitted(tmp_path_factory, digit_dirs) -> tuple[Path, str]:
     argv = ["--out", str(out), "--fit-vae", str(digit_dirs[0]), "--vae-steps", str(STEPS)]
     argv += ["--vae-resolution", str(RESOLUTION), "--vae-batch-size", str(BATCH)]
     with contextlib.redirect_stdout(printed):
-        assert tc.main(argv) == 0
+        assert tiny_set.main(argv) == 0
     return out, printed.getvalue()
 
 
@@ -71,7 +79,7 @@ def fitted(tmp_path_factory, digit_dirs) -> tuple[Path, str]:
 def random_vae_dir(tmp_path_factory) -> Path:
     """The VAE that the same seed writes without --fit-vae."""
     folder = tmp_path_factory.mktemp("random") / "vae"
-    tc._write_vae(folder, seed=0 * 100 + tc._SEED_OFFSETS["vae"])
+    write_random_vae(folder, seed=0 * 100 + SEED_OFFSETS["vae"])
     return folder
 
 
@@ -88,7 +96,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_fit_clearly_beats_the_random_vae_on_held_out_images(fitted, digit_dirs, random_vae_dir):
-    held_out = tc.load_fit_images(digit_dirs[1], RESOLUTION)
+    held_out = load_fit_images(digit_dirs[1], RESOLUTION)
     random_mse = _mse(VAE.from_pretrained(path=random_vae_dir), held_out)
     fitted_mse = _mse(VAE.from_pretrained(path=fitted[0] / "vae"), held_out)
     assert fitted_mse < 0.25 * random_mse, (fitted_mse, random_mse)
@@ -96,7 +104,7 @@ def test_fit_clearly_beats_the_random_vae_on_held_out_images(fitted, digit_dirs,
 
 def test_fitted_vae_loads_with_the_stacks_loader_and_round_trips(fitted, digit_dirs):
     vae = VAE.from_pretrained(path=fitted[0] / "vae")
-    images = tc.load_fit_images(digit_dirs[1], RESOLUTION)[:4]
+    images = load_fit_images(digit_dirs[1], RESOLUTION)[:4]
     latents = vae.encode_to_model(images, generator=torch.Generator().manual_seed(0))
     assert latents.shape == (4, 16, RESOLUTION // 8, RESOLUTION // 8)
     recon = vae.decode(latents)
@@ -110,8 +118,8 @@ def test_fitted_vae_loads_with_the_stacks_loader_and_round_trips(fitted, digit_d
 
 def test_scale_and_shift_make_normalised_latents_unit_gaussian(fitted, digit_dirs):
     vae = VAE.from_pretrained(path=fitted[0] / "vae")
-    assert (vae.scale, vae.shift) != (tc.VAE_SCALING_FACTOR, tc.VAE_SHIFT_FACTOR)
-    z = vae.encode_to_model(tc.load_fit_images(digit_dirs[0], RESOLUTION), sample=False)
+    assert (vae.scale, vae.shift) != (VAE_SCALING_FACTOR, VAE_SHIFT_FACTOR)
+    z = vae.encode_to_model(load_fit_images(digit_dirs[0], RESOLUTION), sample=False)
     assert abs(float(z.mean())) < 0.1
     assert 0.8 < float(z.std()) < 1.25
 
@@ -130,7 +138,7 @@ def test_readme_and_progress_report_the_fit(fitted, digit_dirs):
     assert f"vae fit step {STEPS:>5}/{STEPS}" in printed
     assert "img/s" in printed and "ETA" in printed and "vae fitted in" in printed
     # the other components are exactly what the seed gives without --fit-vae
-    assert {p.name for p in out.iterdir() if p.is_dir()} == set(tc.COMPONENT_DIRS)
+    assert {p.name for p in out.iterdir() if p.is_dir()} == set(COMPONENT_DIRS)
 
 
 def test_fit_is_deterministic_and_the_seed_matters(tmp_path, digit_dirs, random_vae_dir):
@@ -138,7 +146,7 @@ def test_fit_is_deterministic_and_the_seed_matters(tmp_path, digit_dirs, random_
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         folder = shutil.copytree(random_vae_dir, tmp_path / name / "vae")
-        tc.fit_vae_to_images(folder, fit, seed=seed, progress=lambda _m: None)
+        fit_vae_to_images(folder, fit, seed=seed, progress=lambda _m: None)
         runs[name] = _files(folder)
     assert runs["a"] == runs["b"]  # byte-identical: weights and config
     weights = "diffusion_pytorch_model.safetensors"
@@ -149,14 +157,14 @@ def test_fit_is_deterministic_and_the_seed_matters(tmp_path, digit_dirs, random_
 def test_fit_leaves_the_callers_rng_alone(tmp_path, digit_dirs, random_vae_dir, monkeypatch):
     # _build is the expensive part and not under test here: only the VAE folder is needed.
     def vae_only(root: Path, seed: int, progress) -> None:
-        tc._write_vae(root / "vae", seed * 100 + tc._SEED_OFFSETS["vae"])
+        write_random_vae(root / "vae", seed * 100 + SEED_OFFSETS["vae"])
         (root / "README.md").write_text("random")
 
-    monkeypatch.setattr(tc, "_build", vae_only)
+    monkeypatch.setattr(tiny_set, "_build", vae_only)
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    tc.make_tiny_components(tmp_path / "c", fit_vae=_fit(digit_dirs[0], steps=2))
+    tiny_set.make_tiny_components(tmp_path / "c", fit_vae=_fit(digit_dirs[0], steps=2))
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -171,7 +179,7 @@ def test_fit_leaves_the_callers_rng_alone(tmp_path, digit_dirs, random_vae_dir, 
 def test_bad_fit_settings_are_refused_before_any_work(tmp_path, digit_dirs, capsys, extra, message):
     out = tmp_path / "components"
     with pytest.raises(SystemExit) as exc:
-        tc.main(["--out", str(out), "--fit-vae", str(digit_dirs[0]), *extra])
+        tiny_set.main(["--out", str(out), "--fit-vae", str(digit_dirs[0]), *extra])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []
@@ -179,14 +187,14 @@ def test_bad_fit_settings_are_refused_before_any_work(tmp_path, digit_dirs, caps
 
 def test_missing_or_imageless_folders_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        tc.main(["--out", str(tmp_path / "c"), "--fit-vae", str(tmp_path / "nope")])
+        tiny_set.main(["--out", str(tmp_path / "c"), "--fit-vae", str(tmp_path / "nope")])
     assert "no such directory" in capsys.readouterr().err
 
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.txt").write_text("no images here")
     with pytest.raises(ValueError, match="no .png/.jpg/.jpeg/.webp images"):
-        tc.load_fit_images(empty, RESOLUTION)
+        load_fit_images(empty, RESOLUTION)
 
 
 def test_images_are_found_recursively_and_squared(tmp_path):
@@ -194,9 +202,9 @@ def test_images_are_found_recursively_and_squared(tmp_path):
     Image.new("RGB", (40, 20), (255, 0, 0)).save(tmp_path / "a" / "wide.png")
     Image.new("RGBA", (16, 16), (0, 0, 0, 0)).save(tmp_path / "a" / "b" / "clear.png")
     Image.new("L", (50, 70), 0).save(tmp_path / "tall.jpg")
-    names = [p.name for p in tc.find_fit_images(tmp_path)]
+    names = [p.name for p in find_fit_images(tmp_path)]
     assert names == ["clear.png", "wide.png", "tall.jpg"]  # sorted by path
-    x = tc.load_fit_images(tmp_path, 16)
+    x = load_fit_images(tmp_path, 16)
     assert x.shape == (3, 3, 16, 16) and x.dtype == torch.float32
     assert torch.allclose(x[0], torch.ones_like(x[0]))  # transparency -> white
     assert torch.allclose(x[1, :, 8, 8], torch.tensor([1.0, -1.0, -1.0]))  # red

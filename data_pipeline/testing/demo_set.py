@@ -21,6 +21,10 @@ Names are ``digit_00042`` (index in ``load_digits``) and ``photo_<name>_<view>``
 seeded permutation per source, so the same ``--seed``/``--val-fraction`` give the same files.
 ``DIR`` is built in a temporary sibling and renamed into place: an existing non-empty ``DIR``
 is refused unless ``--overwrite``, which replaces it wholesale.
+
+One module of ~590 lines rather than several: a quarter of it is the table of bundled photos and
+their captions (``PHOTOS``), and the rest (digits, photo crops, split, write) is one short
+pipeline behind one command that nothing else builds on.
 """
 
 from __future__ import annotations
@@ -411,7 +415,8 @@ def _readme(summary: dict) -> str:
         if p.name not in summary["skipped_photos"]
     )
     counts = json.dumps(summary["counts"], indent=2)
-    return f"""Demo image-caption set, written by mmdit-demo-data (data_pipeline/demo_data.py).
+    return f"""Demo image-caption set, written by mmdit-demo-data \
+(data_pipeline/testing/demo_set.py).
 
 Settings: --size {summary["size"]} --val-fraction {summary["val_fraction"]} \
 --seed {summary["seed"]}

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from mmdit import tiny_components as tc
+from mmdit.testing import components as tiny_set
+from mmdit.testing.captions import caption_corpus
+from mmdit.testing.spec import T5_SPM_VOCAB_SIZE
+from mmdit.testing.vae import write_random_vae
 from tests.mmdit.tiny_mmdit import tiny_diffusers_transformer
 
 SUBFOLDERS = {
@@ -36,7 +39,7 @@ CAPTION = "a photo of a red cat sitting in a forest at sunset"
 
 @pytest.fixture(scope="module")
 def components(tmp_path_factory) -> Path:
-    return tc.make_tiny_components(tmp_path_factory.mktemp("tiny") / "sd3-tiny", seed=0)
+    return tiny_set.make_tiny_components(tmp_path_factory.mktemp("tiny") / "sd3-tiny", seed=0)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -80,7 +83,7 @@ def test_layout_and_model_index_are_sd3s(components):
 
 def test_importing_the_module_stays_light():
     code = (
-        "import sys, json, mmdit.tiny_components\n"
+        "import sys, json, mmdit.testing.components\n"
         "print(json.dumps(sorted(m.split('.')[0] for m in sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -246,13 +249,13 @@ def test_t5_tokenizer_follows_t5_conventions(components):
     assert (tok.pad_token, tok.eos_token, tok.unk_token) == ("<pad>", "</s>", "<unk>")
     assert tok.bos_token is None
     assert tok.model_max_length == 512
-    assert len(tok) == tc.T5_SPM_VOCAB_SIZE + 100
+    assert len(tok) == T5_SPM_VOCAB_SIZE + 100
 
     ids = tok(CAPTION).input_ids
     assert ids[-1] == 1 and 1 not in ids[:-1] and 0 not in ids and 2 not in ids
     assert len(ids) < len(CAPTION) // 2  # real sub-word pieces, not characters
     assert tok.decode(ids, skip_special_tokens=True) == CAPTION
-    for caption in tc.caption_corpus(50):
+    for caption in caption_corpus(50):
         assert tok.decode(tok(caption).input_ids, skip_special_tokens=True) == caption
 
     padded = tok(CAPTION, padding="max_length", max_length=40).input_ids
@@ -268,13 +271,13 @@ def test_t5_tokenizer_follows_t5_conventions(components):
 
 
 def test_same_seed_is_byte_identical_and_another_seed_differs(components, tmp_path):
-    again = _files(tc.make_tiny_components(tmp_path / "again", seed=0))
+    again = _files(tiny_set.make_tiny_components(tmp_path / "again", seed=0))
     first = _files(components)
     assert again.keys() == first.keys()
     different = sorted(k for k in first if first[k] != again[k])
     assert different == []
 
-    other = _files(tc.make_tiny_components(tmp_path / "other", seed=1))
+    other = _files(tiny_set.make_tiny_components(tmp_path / "other", seed=1))
     for name in WEIGHT_FILES:
         assert other[name] != first[name], name
     # the tokenizers do not depend on the seed
@@ -287,7 +290,7 @@ def test_seed_does_not_touch_the_callers_rng(tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    tc._write_vae(tmp_path / "vae", seed=7)
+    write_random_vae(tmp_path / "vae", seed=7)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -328,7 +331,7 @@ def test_stable_diffusion_3_pipeline_loads_and_runs(components):
 
 def test_cli_builds_refuses_to_overwrite_and_forces(tmp_path, capsys):
     out = tmp_path / "cli" / "components"
-    assert tc.main(["--out", str(out), "--seed", "3"]) == 0
+    assert tiny_set.main(["--out", str(out), "--seed", "3"]) == 0
     printed = capsys.readouterr().out
     assert str(out) in printed and "MB" in printed
     for name in ("tokenizer_3", "text_encoder_3", "vae"):
@@ -337,21 +340,21 @@ def test_cli_builds_refuses_to_overwrite_and_forces(tmp_path, capsys):
     built = _files(out)
 
     with pytest.raises(SystemExit) as exc:
-        tc.main(["--out", str(out)])
+        tiny_set.main(["--out", str(out)])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert str(out) in err and "--force" in err
     assert _files(out) == built  # untouched
 
     (out / "stale.txt").write_text("from an older run")
-    assert tc.main(["--out", str(out), "--seed", "3", "--force"]) == 0
+    assert tiny_set.main(["--out", str(out), "--seed", "3", "--force"]) == 0
     assert _files(out) == built  # replaced wholesale: the stale file is gone
     assert sorted(p.name for p in out.parent.iterdir()) == ["components"]  # no temp dirs left
 
 
 def test_cli_help_exits_0(capsys):
     with pytest.raises(SystemExit) as exc:
-        tc.main(["--help"])
+        tiny_set.main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "--out" in text and "--seed" in text and "--force" in text
@@ -363,19 +366,19 @@ def _fake_build(root: Path, seed: int, progress) -> None:
 
 
 def test_empty_existing_dir_is_filled_and_a_file_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(tc, "_build", _fake_build)
+    monkeypatch.setattr(tiny_set, "_build", _fake_build)
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert tc.make_tiny_components(empty, seed=5) == empty
+    assert tiny_set.make_tiny_components(empty, seed=5) == empty
     assert (empty / "README.md").read_text() == "fake, seed 5"
     assert empty.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
 
     a_file = tmp_path / "file"
     a_file.write_text("x")
     with pytest.raises(FileExistsError, match="not a directory"):
-        tc.make_tiny_components(a_file, force=True)
+        tiny_set.make_tiny_components(a_file, force=True)
     with pytest.raises(ValueError, match="seed"):
-        tc.make_tiny_components(tmp_path / "neg", seed=-1)
+        tiny_set.make_tiny_components(tmp_path / "neg", seed=-1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file"]
 
 
@@ -385,39 +388,39 @@ def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
         (root / "vae" / "config.json").write_text("{}")
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setattr(tc, "_build", half_then_boom)
+    monkeypatch.setattr(tiny_set, "_build", half_then_boom)
     out = tmp_path / "components"
     with pytest.raises(RuntimeError, match="simulated"):
-        tc.make_tiny_components(out)
+        tiny_set.make_tiny_components(out)
     assert list(tmp_path.iterdir()) == []
 
     out.mkdir()
     (out / "keep.txt").write_text("previous")
     with pytest.raises(RuntimeError, match="simulated"):
-        tc.make_tiny_components(out, force=True)
+        tiny_set.make_tiny_components(out, force=True)
     assert [p.name for p in tmp_path.iterdir()] == ["components"]
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
 def test_failed_swap_puts_the_old_directory_back(tmp_path, monkeypatch):
-    monkeypatch.setattr(tc, "_build", _fake_build)
+    monkeypatch.setattr(tiny_set, "_build", _fake_build)
     out = tmp_path / "components"
     out.mkdir()
     (out / "keep.txt").write_text("previous")
-    real_replace = tc.os.replace
+    real_replace = tiny_set.os.replace
 
     def replace(src, dst):
         if Path(dst) == out and ".tmp-" in Path(src).name:
             raise OSError("simulated rename failure")
         real_replace(src, dst)
 
-    monkeypatch.setattr(tc.os, "replace", replace)
+    monkeypatch.setattr(tiny_set.os, "replace", replace)
     with pytest.raises(OSError, match="simulated"):
-        tc.make_tiny_components(out, force=True)
+        tiny_set.make_tiny_components(out, force=True)
     assert [p.name for p in tmp_path.iterdir()] == ["components"]
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
 def test_console_script_is_declared():
     scripts = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")}
-    assert scripts.get("mmdit-make-tiny-components") == "mmdit.tiny_components:main"
+    assert scripts.get("mmdit-make-tiny-components") == "mmdit.testing.components:main"

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import demo_data as dd
 from data_pipeline import shards
+from data_pipeline.testing import demo_set as dd
 
 N_DIGITS = 1797
 N_PHOTO_IMAGES = len(dd.PHOTOS) * dd.VIEWS_PER_PHOTO
