@@ -12,16 +12,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from eval.checkpoints import (
+from mmdit import convert
+from mmdit.checkpoints import (
     CheckpointError,
     ema_state_dict,
-    read_mmdit_safetensors,
     read_model_config,
     resolve_checkpoint,
     zero_state_dict,
 )
-from mmdit import convert
 from mmdit.model import MMDiT
+from mmdit.weights import read_mmdit_safetensors
 from tests.mmdit.tiny_mmdit import inputs
 from tests.training.conftest import run_training, train_overrides
 from training.export import main
@@ -192,9 +192,9 @@ def test_checkpoint_forms_and_errors(run_dir, step3, tmp_path, capsys):
 def test_pipeline_export_loads_alone_and_samples_as_our_sampler(run_dir, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    from eval.checkpoints import load_weights
     from eval.loading import conditioning_of, load_text_encoders, load_vae
     from mmdit.sampling import generate, initial_noise
+    from mmdit.weights import load_weights
 
     out = tmp_path / "pipeline"
     export("--checkpoint", run_dir, "--format", "diffusers-pipeline", "--out", out)
