@@ -155,24 +155,17 @@ def test_bf16_and_step_forms(run_dir, zero_weights, tmp_path):
 
 
 def test_checkpoint_forms_and_errors(run_dir, step3, tmp_path, capsys):
-    root = run_dir / "checkpoints"
-    step2 = root / "step_00000002"
+    # Every form of naming a checkpoint: tests/mmdit/test_checkpoints.py; here, on a real run.
     assert resolve_checkpoint(run_dir) == step3
-    assert resolve_checkpoint(root) == step3
-    assert resolve_checkpoint(f"{run_dir}:2") == step2
-    assert resolve_checkpoint(f"{run_dir}/2") == step2
-    assert resolve_checkpoint(f"{run_dir}/step_00000002") == step2
-    assert resolve_checkpoint(step2) == step2
-
+    assert resolve_checkpoint(f"{run_dir}:2") == run_dir / "checkpoints" / "step_00000002"
     with pytest.raises(CheckpointError, match=r"step 7 .*available steps in .*: 2, 3"):
         resolve_checkpoint(f"{run_dir}:7")
+
     with pytest.raises(SystemExit) as e:
         main(["--checkpoint", f"{run_dir}/7", "--format", "sd3", "--out", str(tmp_path / "x")])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "step_00000007" in err and "available steps" in err and "2, 3" in err
-    with pytest.raises(CheckpointError, match="neither a run directory"):
-        resolve_checkpoint(tmp_path / "nothing-here")
 
     # A damaged shard is reported, not exported.
     manifest = json.loads((step3 / "manifest.json").read_text())
