@@ -52,16 +52,6 @@ from data_pipeline.cache_format import CACHE_INFO
 from data_pipeline.config import DataConfig
 from data_pipeline.eval_samples import eval_batches, shard_mode
 from data_pipeline.tar_samples import expand_shards
-from eval.checkpoints import (
-    CheckpointError,
-    Weights,
-    is_training_checkpoint,
-    load_weights,
-    read_manifest,
-    read_run_config,
-    resolve_checkpoint,
-    run_checkpoints,
-)
 from eval.config import EvalConfig
 from eval.loading import (
     DTYPES,
@@ -75,9 +65,20 @@ from eval.loading import (
 from eval.val_loss import batch_to_inputs, held_out_loss
 from mmdit import distributed
 from mmdit.atomic_file import write_atomic
+from mmdit.checkpoints import (
+    MANIFEST,
+    CheckpointError,
+    checkpoints_dir,
+    is_training_checkpoint,
+    read_manifest,
+    read_run_config,
+    resolve_checkpoint,
+    run_checkpoints,
+)
 from mmdit.flops import param_counts
 from mmdit.sampling import generate, to_uint8
 from mmdit.typed_config import from_dict
+from mmdit.weights import Weights, load_weights
 
 log = logging.getLogger("mmdit-eval")
 
@@ -103,7 +104,7 @@ def expand_targets(specs: Iterable[str], weights: Iterable[str], latest_only: bo
             out.append(Target(str(Path(spec).resolve()), "exported"))
             continue
         path = Path(spec)
-        whole_run = (path / "checkpoints").is_dir() and not (path / "manifest.json").is_file()
+        whole_run = checkpoints_dir(path).is_dir() and not (path / MANIFEST).is_file()
         if whole_run and not latest_only:
             step_dirs = run_checkpoints(path)
             if not step_dirs:

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from eval.checkpoints import CheckpointError, Weights, read_run_config
+from mmdit.checkpoints import CheckpointError, read_run_config
 from mmdit.conditioning import VAE, ConditioningConfig, TextEncoders
 from mmdit.flow import SD3_SAMPLING_SHIFT, matched_shift
 from mmdit.typed_config import from_dict
+from mmdit.weights import Weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -32,7 +32,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from eval.checkpoints import CheckpointError, load_weights
 from eval.loading import (
     DTYPES,
     conditioning_of,
@@ -43,7 +42,9 @@ from eval.loading import (
     sampling_shift,
 )
 from mmdit.atomic_file import write_atomic
+from mmdit.checkpoints import CheckpointError
 from mmdit.sampling import generate, image_grid, save_png, to_uint8
+from mmdit.weights import load_weights
 
 log = logging.getLogger("mmdit-sample")
 

@@ -38,7 +38,7 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from eval.checkpoints import read_model_config
+from mmdit.checkpoints import CONFIG_FILE, LATEST, checkpoints_dir, read_model_config
 from mmdit.typed_config import ConfigError, add_config_arguments, config_from_args, to_dict
 from slurm.job_state import (
     JobStateTimeout,
@@ -143,10 +143,10 @@ def check_run_dir(run_dir: Path, config: RunConfig) -> None:
                 f"train.run_dir {run_dir} is in use by job {previous['job_id']} (still queued "
                 "or running); wait for it, `scancel` it, or choose another train.run_dir"
             )
-    latest = run_dir / "checkpoints" / "latest"
+    latest = checkpoints_dir(run_dir) / LATEST
     if latest.is_file():
-        step_dir = run_dir / "checkpoints" / latest.read_text().strip()
-        if (step_dir / "config.yaml").is_file():
+        step_dir = checkpoints_dir(run_dir) / latest.read_text().strip()
+        if (step_dir / CONFIG_FILE).is_file():
             # The model section only (older run files may not load whole under today's
             # schema), compared on what decides the weights, not how attention is computed.
             theirs = read_model_config(step_dir)

@@ -67,8 +67,8 @@ def test_validation_loss_falls_and_metrics_parse(demo):
 def test_the_export_loads_in_diffusers_and_matches_the_ema(demo):
     from diffusers import SD3Transformer2DModel
 
-    from eval.checkpoints import load_weights
     from mmdit import convert
+    from mmdit.weights import load_weights
 
     out, _ = demo
     theirs = SD3Transformer2DModel.from_pretrained(out / "export" / "transformer")

@@ -1,16 +1,8 @@
 """Checkpoints that are published atomically, validated by every rank, and found by themselves.
 
-Layout of a run directory:
-
-    RUN/checkpoints/step_00001000/
-        ds/                      DeepSpeed ZeRO-3 shards (model, optimizer), one set per rank
-        universal/               made once when a run resumes on another world size
-        ema_rank_*_of_*.safetensors
-        client_rank_00000.json   per-rank trainer state: step, data position, RNG, counters
-        config.yaml              the resolved run config (data, never a pickled object)
-        manifest.json            written last: every file's size and CRC-32, the world size
-    RUN/checkpoints/latest       name of the newest published checkpoint
-    RUN/checkpoints/.tmp_step_*  a checkpoint being written (ignored, removed on start)
+This module writes the layout and reads back what only the trainer reads (its per-rank state,
+and the manifest's CRCs before a resume); the layout's names, the manifest's format and every
+other reader are in mmdit/checkpoints.py.
 
 Publication: every rank writes into the `.tmp_` directory; their file checksums are gathered
 to rank 0, which writes the manifest, renames the directory into place and replaces `latest`
@@ -38,20 +30,30 @@ import os
 import re
 import shutil
 import tempfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# The layout's names are shared with its readers (eval, mmdit-export).
-from eval.checkpoints import DS_TAG, LATEST, MANIFEST, STEP_DIR, step_dir_name
 from mmdit import distributed
 from mmdit.atomic_file import write_atomic
+from mmdit.checkpoints import (
+    CONFIG_FILE,
+    DS_TAG,
+    LATEST,
+    MANIFEST,
+    STEP_DIR,
+    TMP_PREFIX,
+    UNIVERSAL_TAG,
+    checkpoints_dir,
+    client_file_name,
+    crc32_file,
+    read_manifest,
+    step_dir_name,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
-UNIVERSAL_TAG = "universal"
-TMP_PREFIX = ".tmp_"
 _RANK_IN_NAME = re.compile(r"(?:zero_pp_rank_|_rank_)(\d+)")
 
 
@@ -152,22 +154,10 @@ def free_bytes(path: Path) -> int | None:
     return None
 
 
-def client_file_name(rank: int) -> str:
-    return f"client_rank_{rank:05d}.json"
-
-
 def file_owner(relpath: str) -> int | None:
     """The rank that wrote (and will read) a file, None for files shared by all ranks."""
     match = _RANK_IN_NAME.search(Path(relpath).name)
     return int(match.group(1)) if match else None
-
-
-def crc32_file(path: Path, chunk: int = 8 << 20) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            crc = zlib.crc32(block, crc)
-    return crc
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -189,7 +179,7 @@ class Checkpoint:
 
 class CheckpointManager:
     def __init__(self, run_dir: str | Path, keep: int, rank: int, world_size: int):
-        self.root = Path(run_dir) / "checkpoints"
+        self.root = checkpoints_dir(run_dir)
         self.keep = keep
         self.rank, self.world_size = rank, world_size
 
@@ -220,7 +210,7 @@ class CheckpointManager:
             client_state,
         )
         if self.rank == 0:
-            failed.attempt("writing config.yaml", write_atomic, tmp / "config.yaml", config_yaml)
+            failed.attempt(f"writing {CONFIG_FILE}", write_atomic, tmp / CONFIG_FILE, config_yaml)
         self._agree(step, tmp, dict(enumerate(distributed.gather_objects(failed.first))))
 
         mine = failed.attempt(
@@ -261,7 +251,7 @@ class CheckpointManager:
         """Rank 0: manifest, then the two renames. Everything that needs space (the manifest,
         the new `latest`) is written before anything is renamed, so a full disk leaves the
         previous state; a rename that fails after the first is undone."""
-        self._write_manifest(tmp, step, files)
+        write_manifest(tmp, step, self.world_size, files)
         latest = self.root / LATEST
         fd, latest_tmp = tempfile.mkstemp(dir=self.root, prefix=f".{LATEST}.", suffix=".tmp")
         try:
@@ -279,12 +269,6 @@ class CheckpointManager:
                 raise
         finally:
             Path(latest_tmp).unlink(missing_ok=True)
-
-    def _write_manifest(self, directory: Path, step: int, files: dict[str, dict]) -> None:
-        write_json_atomic(
-            directory / MANIFEST,
-            {"format": 1, "step": step, "world_size": self.world_size, "files": files},
-        )
 
     def _describe(self, directory: Path, select, crc: bool) -> dict[str, dict]:
         out = {}
@@ -320,7 +304,7 @@ class CheckpointManager:
         for path in self.root.iterdir():
             if STEP_DIR.match(path.name) and (path / MANIFEST).is_file():
                 try:
-                    manifest = json.loads((path / MANIFEST).read_text())
+                    manifest = read_manifest(path)
                     found.append(
                         Checkpoint(path, int(manifest["step"]), int(manifest["world_size"]))
                     )
@@ -330,7 +314,7 @@ class CheckpointManager:
 
     def problems(self, checkpoint: Checkpoint) -> list[str]:
         """What is wrong with a checkpoint from this rank's point of view (empty = intact)."""
-        manifest = json.loads((checkpoint.path / MANIFEST).read_text())
+        manifest = read_manifest(checkpoint.path)
         same_layout = checkpoint.world_size == self.world_size
         wrong = []
         for rel, entry in manifest["files"].items():

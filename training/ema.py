@@ -14,7 +14,7 @@ looking one up costs ZeRO-3 a stream synchronisation per parameter on a GPU, and
 update is then one `torch._foreach_lerp_` over cached tensors, with no host sync.
 
 Saved as one safetensors file per rank with each piece's offset in the metadata;
-`eval.checkpoints.ema_state_dict` reassembles full tensors from the pieces of any world size and
+`mmdit.checkpoints.ema_state_dict` reassembles full tensors from the pieces of any world size and
 stage, and `load` re-slices them for the current layout, so a run resumes its EMA on another
 number of ranks or another ZeRO stage and `mmdit-export --ema` needs no GPU.
 """
@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 # File names and the reader of the saved pieces are shared with eval and mmdit-export.
-from eval.checkpoints import ema_shard_name, ema_state_dict
+from mmdit.checkpoints import ema_shard_name, ema_state_dict
 
 
 @dataclass

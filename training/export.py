@@ -26,7 +26,7 @@ Formats (--format):
                (model.diffusion_model.joint_blocks.N...), for tools that load SD3 single files
   safetensors  one .safetensors file with this repository's MMDiT state dict; its metadata
                holds the model config as JSON ("mmdit_config"); read it back with
-               eval.checkpoints.read_mmdit_safetensors(OUT)
+               mmdit.weights.read_mmdit_safetensors(OUT)
 
   diffusers-pipeline
                a folder that diffusers.StableDiffusion3Pipeline.from_pretrained(OUT) loads on its
@@ -66,18 +66,16 @@ from pathlib import Path
 
 import torch
 
-from eval.checkpoints import (
+from mmdit.checkpoints import (
     CONFIG_META_KEY,
     MANIFEST,
     CheckpointError,
-    load_checkpoint_lora,
-    load_checkpoint_weights,
-    lora_scale_of,
     read_run_config,
     resolve_checkpoint,
 )
 from mmdit.conditioning.components import ComponentError
 from mmdit.model import MMDiT
+from mmdit.weights import load_checkpoint_lora, load_checkpoint_weights, lora_scale_of
 
 FORMATS = ("diffusers", "sd3", "safetensors", "diffusers-pipeline", "diffusers-lora")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name

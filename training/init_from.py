@@ -1,7 +1,7 @@
 """`train.init_from`: start a run from existing weights, and nothing else of another run.
 
 Only the weights are taken: the optimizer, the data position, the step and the RNG states start
-fresh (step 0). Sources are whatever `eval.checkpoints.load_weights` reads: a run `RUN` (its
+fresh (step 0). Sources are whatever `mmdit.weights.load_weights` reads: a run `RUN` (its
 newest published checkpoint) or `RUN:STEP`, a checkpoint directory, a diffusers
 `SD3Transformer2DModel` folder, an SD3/SD3.5 single file, an `mmdit-export` file. For runs and
 checkpoints `train.init_weights` picks the EMA (default) or the trained ("raw") weights.
@@ -36,10 +36,11 @@ from pathlib import Path
 
 import torch
 
-from eval.checkpoints import CheckpointError, Weights, load_weights
 from mmdit import distributed
+from mmdit.checkpoints import CheckpointError, is_training_checkpoint
 from mmdit.convert import check_state_dict
 from mmdit.model import MMDiT, MMDiTConfig
+from mmdit.weights import Weights, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +162,6 @@ def _read(spec: str, weights: str, run: MMDiTConfig) -> tuple[dict, dict]:
 
 def _load_ema_if_any(spec: str) -> Weights:
     """The EMA of a run or checkpoint; exported weights (one set) as they are."""
-    from eval.checkpoints import is_training_checkpoint
-
     return load_weights(spec, ema=is_training_checkpoint(spec))
 
 

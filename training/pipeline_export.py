@@ -173,13 +173,13 @@ def _last_metrics(run_dir: Path, step: int, keys: tuple[str, ...]) -> dict[str, 
 
 def model_card(step_dir: Path, config: MMDiTConfig, weights: str, merged: bool) -> str:
     """README.md for an exported pipeline: what was trained, on what, for how long."""
-    from eval.checkpoints import CONFIG_FILE, read_manifest, read_run_config
+    from mmdit.checkpoints import CONFIG_FILE, client_file_name, read_manifest, read_run_config
     from mmdit.flops import approx_train_flops_per_sample, param_counts
 
     run = read_run_config(step_dir)
     step = int(read_manifest(step_dir)["step"])
     run_dir = step_dir.parent.parent
-    client = step_dir / "client_rank_00000.json"
+    client = step_dir / client_file_name(0)
     global_batch = json.loads(client.read_text()).get("global_batch") if client.is_file() else None
     data = run.get("data") or {}
     cond = run.get("conditioning") or {}

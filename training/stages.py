@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eval.checkpoints import available_steps
+from mmdit.checkpoints import available_steps, checkpoints_dir
 from mmdit.typed_config import (
     ConfigError,
     apply_dotted,
@@ -91,7 +91,7 @@ class StageRun:
 
     def finished(self) -> bool:
         """Its final checkpoint is published (what every rank reads the same way)."""
-        steps = available_steps(self.run_dir / "checkpoints")
+        steps = available_steps(checkpoints_dir(self.run_dir))
         return bool(steps) and steps[-1] >= self.config.train.max_steps
 
 

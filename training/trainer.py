@@ -41,13 +41,14 @@ from data_pipeline import build_loader
 from data_pipeline.bad_samples import REASONS
 from data_pipeline.loader import reshard_state
 from mmdit import distributed, flow
+from mmdit.checkpoints import DS_TAG
 from mmdit.conditioning import conditioning_identity
 from mmdit.conditioning.vae import SPATIAL_FACTOR
 from mmdit.flops import approx_train_flops_per_sample, mfu, peak_bf16_flops
 from mmdit.model import JointBlock, MMDiT
 from mmdit.typed_config import dumps_yaml, to_dict
 from training import init_from, launch
-from training.checkpoint import DS_TAG, Checkpoint, CheckpointManager, CheckpointWriteError
+from training.checkpoint import Checkpoint, CheckpointManager, CheckpointWriteError
 from training.config import RunConfig
 from training.ds_config import accumulation_steps, deepspeed_config
 from training.ema import ShardedEMA

@@ -13,16 +13,18 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from eval.checkpoints import LATEST, MANIFEST, ema_shard_name, step_dir_name
-from mmdit.distributed import free_ports
-from training.checkpoint import (
+from mmdit.checkpoints import (
+    LATEST,
+    MANIFEST,
     TMP_PREFIX,
-    CheckpointManager,
     client_file_name,
     crc32_file,
-    file_owner,
-    write_json_atomic,
+    ema_shard_name,
+    step_dir_name,
+    write_manifest,
 )
+from mmdit.distributed import free_ports
+from training.checkpoint import CheckpointManager, file_owner, write_json_atomic
 from training.ema import ShardedEMA
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,10 +50,7 @@ def make_checkpoint(run: Path, step: int, world: int) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(f"{rel} step {step} ".encode() * (3 + i))
         files[rel] = {"size": path.stat().st_size, "crc32": crc32_file(path)}
-    write_json_atomic(
-        directory / MANIFEST,
-        {"format": 1, "step": step, "world_size": world, "files": files},
-    )
+    write_manifest(directory, step, world, files)
     return directory
 
 

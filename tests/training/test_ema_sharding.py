@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from eval.checkpoints import CheckpointError, ema_shard_files, ema_shard_name, ema_state_dict
+from mmdit.checkpoints import CheckpointError, ema_shard_files, ema_shard_name, ema_state_dict
 from training.ema import Piece, ShardedEMA, local_partition
 
 

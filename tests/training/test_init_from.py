@@ -16,9 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from eval.checkpoints import ema_state_dict, load_weights, zero_state_dict
 from mmdit import flow
+from mmdit.checkpoints import ema_state_dict, zero_state_dict
 from mmdit.model import MMDiT, MMDiTConfig
+from mmdit.weights import load_weights
 from tests.training.conftest import read_metrics, run_training, train_overrides
 from training import init_from
 from training.export import export

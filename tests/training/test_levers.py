@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval.checkpoints import load_weights
+from mmdit.weights import load_weights
 from tests.training.conftest import read_metrics, run_training, train_overrides
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

@@ -16,10 +16,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from eval.checkpoints import load_checkpoint_lora, load_weights, resolve_checkpoint
 from mmdit import convert
 from mmdit import lora as lora_weights
+from mmdit.checkpoints import resolve_checkpoint
 from mmdit.model import MMDiT
+from mmdit.weights import load_checkpoint_lora, load_weights
 from tests.mmdit.tiny_mmdit import inputs, randomize, tiny
 from tests.training.conftest import losses, read_metrics, run_training, train_overrides
 from training.config import LORA_BLOCK_TARGETS, LORA_TOP_TARGETS, LoraConfig
@@ -266,7 +267,7 @@ def test_zero1_trains_the_same_lora_as_zero3(zero3_run, zero1_run):
     assert sorted(val) == [0, 2, 4] and val[4] != val[0]
     assert (zero1_run / "previews" / f"step_{STEPS:08d}.png").is_file()
     _, base3, lora3, _ = load_checkpoint_lora(resolve_checkpoint(zero3_run))
-    # ZeRO-1 keeps frozen weights only in its module state (eval.checkpoints reads it there).
+    # ZeRO-1 keeps frozen weights only in its module state (mmdit.checkpoints reads it there).
     _, base1, lora1, _ = load_checkpoint_lora(resolve_checkpoint(zero1_run))
     assert all(torch.equal(base1[k], base3[k]) for k in base3)
     for module, (a3, b3) in lora3.items():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from eval.checkpoints import ema_state_dict, zero_state_dict
+from mmdit.checkpoints import ema_state_dict, zero_state_dict
 from mmdit.typed_config import ConfigError
 from tests.training.conftest import losses, read_metrics, run_training
 from training.stages import load_stages

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from mmdit.checkpoints import LATEST, TMP_PREFIX
 from tests.training.conftest import (
     REFERENCE_STEPS,
     losses,
@@ -23,7 +24,7 @@ from tests.training.conftest import (
     run_training,
     small_tmpfs,
 )
-from training.checkpoint import LATEST, TMP_PREFIX, CheckpointManager
+from training.checkpoint import CheckpointManager
 from training.trainer import EXIT_STORAGE
 from training.watchdog import FAULTS_FILE
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from eval.checkpoints import ema_state_dict
+from mmdit.checkpoints import ema_state_dict
 from tests.training.conftest import read_metrics, run_training, train_overrides
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
