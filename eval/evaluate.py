@@ -50,6 +50,7 @@ import torch
 
 from data_pipeline.cache_format import CACHE_INFO
 from data_pipeline.config import DataConfig
+from data_pipeline.eval_config import EvalConfig
 from data_pipeline.eval_samples import eval_batches, shard_mode
 from data_pipeline.tar_samples import expand_shards
 from eval.checkpoints import (
@@ -62,7 +63,6 @@ from eval.checkpoints import (
     resolve_checkpoint,
     run_checkpoints,
 )
-from eval.config import EvalConfig
 from eval.loading import (
     DTYPES,
     conditioning_of,
@@ -70,12 +70,12 @@ from eval.loading import (
     load_vae,
     pick_device,
     run_config_of,
-    sampling_shift,
 )
 from eval.val_loss import batch_to_inputs, held_out_loss
 from mmdit import distributed
 from mmdit.atomic_file import write_atomic
 from mmdit.flops import param_counts
+from mmdit.flow import sampling_shift
 from mmdit.sampling import generate, to_uint8
 from mmdit.typed_config import from_dict
 
@@ -153,7 +153,7 @@ def resolve_settings(args: argparse.Namespace, first: Target) -> dict:
         "data": dataclasses.asdict(data),
     }
     settings["fid_reference"] = settings["fid_reference"] or settings["val_shards"]
-    # eval.shift 0 = the training run's own shift at the FID size (eval.loading.sampling_shift).
+    # eval.shift 0 = the training run's own shift at the FID size (mmdit.flow.sampling_shift).
     side = settings["fid_size"]
     settings["shift"] = sampling_shift(config, side, side, settings["shift"])
     return settings

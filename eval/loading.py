@@ -17,7 +17,6 @@ import torch
 
 from eval.checkpoints import CheckpointError, Weights, read_run_config
 from mmdit.conditioning import VAE, ConditioningConfig, TextEncoders
-from mmdit.flow import SD3_SAMPLING_SHIFT, matched_shift
 from mmdit.typed_config import from_dict
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -34,28 +33,6 @@ def run_config_of(weights: Weights) -> Mapping:
     if weights.kind != "checkpoint":
         return {}
     return read_run_config(weights.source)
-
-
-def sampling_shift(
-    run_config: Mapping, height: int, width: int, override: float | None = None
-) -> float:
-    """The sampler's shift for `run_config` (a checkpoint's resolved run config; {} for
-    exported weights) at height x width: `override` when given and > 0, else the run's
-    eval.shift when > 0, else the run's training shift at that size (flow.matched_shift).
-    Weights without a run config sample with SD3's 3.0. Checkpoints of runs made before
-    train.shift existed recorded eval.shift: 3.0, so they keep sampling as before."""
-    if override:
-        return float(override)
-    if not run_config:
-        return SD3_SAMPLING_SHIFT
-    ev, train = run_config.get("eval") or {}, run_config.get("train") or {}
-    return matched_shift(
-        float(ev.get("shift", 0.0)),
-        float(train.get("shift", 1.0)),
-        int(train.get("shift_base_resolution", 0)),
-        height,
-        width,
-    )
 
 
 def conditioning_of(

@@ -40,9 +40,9 @@ from eval.loading import (
     load_vae,
     pick_device,
     run_config_of,
-    sampling_shift,
 )
 from mmdit.atomic_file import write_atomic
+from mmdit.flow import sampling_shift
 from mmdit.sampling import generate, image_grid, save_png, to_uint8
 
 log = logging.getLogger("mmdit-sample")
