@@ -63,17 +63,11 @@ from eval.checkpoints import (
     resolve_checkpoint,
     run_checkpoints,
 )
-from eval.loading import (
-    DTYPES,
-    conditioning_of,
-    load_text_encoders,
-    load_vae,
-    pick_device,
-    run_config_of,
-)
+from eval.loading import conditioning_of, pick_device, run_config_of
 from eval.val_loss import batch_to_inputs, held_out_loss
 from mmdit import distributed
 from mmdit.atomic_file import write_atomic
+from mmdit.conditioning import DTYPES, load_text_encoders, load_vae
 from mmdit.flops import param_counts
 from mmdit.flow import sampling_shift
 from mmdit.sampling import generate, to_uint8

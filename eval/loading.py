@@ -1,5 +1,5 @@
-"""What sampling and evaluation load besides the weights: the run's settings, the frozen
-conditioning (VAE, text encoders) and the device.
+"""What sampling and evaluation need besides the weights: the run's settings, which frozen
+conditioning (VAE, text encoders) to load (mmdit.conditioning loads it) and the device.
 
 A training checkpoint carries its run config, so the conditioning it was trained with (the
 encoders, T5 length, dtype) is reused; `--components DIR` points at where those components
@@ -16,10 +16,8 @@ from pathlib import Path
 import torch
 
 from eval.checkpoints import CheckpointError, Weights, read_run_config
-from mmdit.conditioning import VAE, ConditioningConfig, TextEncoders
+from mmdit.conditioning import ConditioningConfig
 from mmdit.typed_config import from_dict
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -59,24 +57,3 @@ def conditioning_of(
             f"components directory {config.components} does not exist; pass --components DIR"
         )
     return config
-
-
-def load_vae(config: ConditioningConfig, device: torch.device) -> VAE:
-    return VAE.from_pretrained(
-        config.components or None,
-        path=config.paths().get("vae"),
-        dtype=DTYPES[config.dtype],
-        device=device,
-        chunk_size=config.vae_chunk_size,
-    )
-
-
-def load_text_encoders(config: ConditioningConfig, device: torch.device) -> TextEncoders:
-    return TextEncoders.from_pretrained(
-        config.components or None,
-        paths=config.paths(),
-        use_t5=config.use_t5,
-        t5_max_length=config.t5_max_length,
-        dtype=DTYPES[config.dtype],
-        device=device,
-    )

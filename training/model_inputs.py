@@ -17,9 +17,12 @@ from pathlib import Path
 import torch
 
 from data_pipeline.cache_format import CacheInfo, apply_text_dropout, load_empty_prompt
-from mmdit.conditioning import VAE, ConditioningConfig, TextEncoders, draw_dropout
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from mmdit.conditioning import (
+    ConditioningConfig,
+    draw_dropout,
+    load_text_encoders,
+    load_vae,
+)
 
 
 class ModelInputs:
@@ -34,26 +37,11 @@ class ModelInputs:
     ):
         self.text_dropout = text_dropout
         self.device = device
-        dtype = DTYPES[conditioning.dtype]
-        paths = conditioning.paths()
-        self.vae = VAE.from_pretrained(
-            conditioning.components,
-            path=paths.get("vae"),
-            dtype=dtype,
-            device=device,
-            chunk_size=conditioning.vae_chunk_size,
-        )
+        self.vae = load_vae(conditioning, device)
         self.cache_info = cache_info
         self.text = None
         if cache_info is None:
-            self.text = TextEncoders.from_pretrained(
-                conditioning.components,
-                paths=paths,
-                use_t5=conditioning.use_t5,
-                t5_max_length=conditioning.t5_max_length,
-                dtype=dtype,
-                device=device,
-            )
+            self.text = load_text_encoders(conditioning, device)
         else:
             empty_context, empty_pooled = load_empty_prompt(cache_dir)
             self.empty_context = empty_context.to(device)

@@ -17,9 +17,9 @@ import time
 import torch
 
 from data_pipeline.eval_samples import shard_mode
-from eval.loading import load_text_encoders
 from eval.val_loss import batch_to_inputs, held_out_loss
 from mmdit import distributed
+from mmdit.conditioning import load_text_encoders
 from training.config import RunConfig
 from training.ema import ShardedEMA, gather_model
 from training.model_inputs import ModelInputs

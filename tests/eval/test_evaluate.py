@@ -134,8 +134,7 @@ def test_val_loss_of_a_zero_velocity_model_matches_a_hand_computation(
 ):
     """per_sample_losses with a model that predicts zero velocity: the loss is exactly the
     mean square of the fixed target noise - x0, computed here by hand."""
-    from eval.loading import load_vae
-    from mmdit.conditioning import ConditioningConfig
+    from mmdit.conditioning import ConditioningConfig, load_vae
 
     vae = load_vae(ConditioningConfig(components=str(tiny_components), dtype="fp32"), "cpu")
     data = DataConfig(resolution=32)

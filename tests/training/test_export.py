@@ -193,7 +193,8 @@ def test_pipeline_export_loads_alone_and_samples_as_our_sampler(run_dir, tmp_pat
     from diffusers import StableDiffusion3Pipeline
 
     from eval.checkpoints import load_weights
-    from eval.loading import conditioning_of, load_text_encoders, load_vae
+    from eval.loading import conditioning_of
+    from mmdit.conditioning import load_text_encoders, load_vae
     from mmdit.sampling import generate, initial_noise
 
     out = tmp_path / "pipeline"
