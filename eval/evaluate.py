@@ -14,7 +14,7 @@ that one; a diffusers folder or .safetensors export is evaluated as "exported" w
 Metrics (--metrics):
   val_loss  SD3-style validation loss on the held-out shards (eval.val_shards, raw or cache):
             the first --val-samples samples, each at --sigma-bins fixed sigmas with fixed noise
-            (see eval/val_loss.py); columns val_loss and val_loss_bin_<k>
+            (see mmdit/val_loss.py); columns val_loss and val_loss_bin_<k>
   fid       FID (torch-fidelity's InceptionV3) of --fid-samples generated images against the
             reference: shards (their captions are the prompts, their centre crops the
             reference images) or an image folder with --fid-prompts FILE; reference statistics
@@ -52,6 +52,7 @@ from data_pipeline.cache_format import CACHE_INFO
 from data_pipeline.config import DataConfig
 from data_pipeline.eval_config import EvalConfig
 from data_pipeline.eval_samples import eval_batches, shard_mode
+from data_pipeline.held_out_loss import held_out_loss
 from data_pipeline.tar_samples import expand_shards
 from eval.checkpoints import (
     CheckpointError,
@@ -64,7 +65,6 @@ from eval.checkpoints import (
     run_checkpoints,
 )
 from eval.loading import conditioning_of, pick_device, run_config_of
-from eval.val_loss import batch_to_inputs, held_out_loss
 from mmdit import distributed
 from mmdit.atomic_file import write_atomic
 from mmdit.conditioning import DTYPES, load_text_encoders, load_vae
@@ -264,7 +264,8 @@ def compute_val_loss(model, vae, text_encoders, settings, env, device, dtype) ->
         model,
         from_dict(DataConfig, settings["data"], source="settings"),
         settings["val_shards"],
-        batch_to_inputs(vae, text_encoders),
+        vae,
+        text_encoders,
         samples=settings["val_samples"],
         bins=settings["sigma_bins"],
         noise_seed=settings["noise_seed"],
