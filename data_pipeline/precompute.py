@@ -76,6 +76,8 @@ from mmdit.conditioning import (
     TextEncoders,
     conditioning_identity,
     identity_differences,
+    load_text_encoders,
+    load_vae,
 )
 from mmdit.typed_config import (
     ConfigError,
@@ -509,23 +511,9 @@ def run(args: argparse.Namespace) -> int:
         )
         if diffs:
             raise PrecomputeError(_mismatch(out, diffs))
-    dtype = torch.float32 if cond.dtype == "fp32" else torch.bfloat16
     t0 = time.perf_counter()
-    text = TextEncoders.from_pretrained(
-        root,
-        paths=cond.paths(),
-        use_t5=cond.use_t5,
-        t5_max_length=cond.t5_max_length,
-        dtype=dtype,
-        device=device,
-    )
-    vae = VAE.from_pretrained(
-        root,
-        path=cond.vae_path or None,
-        dtype=dtype,
-        device=device,
-        chunk_size=cond.vae_chunk_size,
-    )
+    text = load_text_encoders(cond, device)
+    vae = load_vae(cond, device)
     info = CacheInfo(
         identity=identity,
         layout=make_layout(text),

@@ -14,7 +14,7 @@ that one; a diffusers folder or .safetensors export is evaluated as "exported" w
 Metrics (--metrics):
   val_loss  SD3-style validation loss on the held-out shards (eval.val_shards, raw or cache):
             the first --val-samples samples, each at --sigma-bins fixed sigmas with fixed noise
-            (see eval/val_loss.py); columns val_loss and val_loss_bin_<k>
+            (see mmdit/val_loss.py); columns val_loss and val_loss_bin_<k>
   fid       FID (torch-fidelity's InceptionV3) of --fid-samples generated images against the
             reference: shards (their captions are the prompts, their centre crops the
             reference images) or an image folder with --fid-prompts FILE; reference statistics
@@ -50,19 +50,11 @@ import torch
 
 from data_pipeline.cache_format import CACHE_INFO
 from data_pipeline.config import DataConfig
+from data_pipeline.eval_config import EvalConfig
 from data_pipeline.eval_samples import eval_batches, shard_mode
+from data_pipeline.held_out_loss import held_out_loss
 from data_pipeline.tar_samples import expand_shards
-from eval.config import EvalConfig
-from eval.loading import (
-    DTYPES,
-    conditioning_of,
-    load_text_encoders,
-    load_vae,
-    pick_device,
-    run_config_of,
-    sampling_shift,
-)
-from eval.val_loss import batch_to_inputs, held_out_loss
+from eval.loading import conditioning_of, pick_device, run_config_of
 from mmdit import distributed
 from mmdit.atomic_file import write_atomic
 from mmdit.checkpoints import (
@@ -75,7 +67,9 @@ from mmdit.checkpoints import (
     resolve_checkpoint,
     run_checkpoints,
 )
+from mmdit.conditioning import DTYPES, load_text_encoders, load_vae
 from mmdit.flops import param_counts
+from mmdit.flow import sampling_shift
 from mmdit.sampling import generate, to_uint8
 from mmdit.typed_config import from_dict
 from mmdit.weights import Weights, load_weights
@@ -154,7 +148,7 @@ def resolve_settings(args: argparse.Namespace, first: Target) -> dict:
         "data": dataclasses.asdict(data),
     }
     settings["fid_reference"] = settings["fid_reference"] or settings["val_shards"]
-    # eval.shift 0 = the training run's own shift at the FID size (eval.loading.sampling_shift).
+    # eval.shift 0 = the training run's own shift at the FID size (mmdit.flow.sampling_shift).
     side = settings["fid_size"]
     settings["shift"] = sampling_shift(config, side, side, settings["shift"])
     return settings
@@ -271,7 +265,8 @@ def compute_val_loss(model, vae, text_encoders, settings, env, device, dtype) ->
         model,
         from_dict(DataConfig, settings["data"], source="settings"),
         settings["val_shards"],
-        batch_to_inputs(vae, text_encoders),
+        vae,
+        text_encoders,
         samples=settings["val_samples"],
         bins=settings["sigma_bins"],
         noise_seed=settings["noise_seed"],

@@ -1,5 +1,5 @@
-"""What sampling and evaluation load besides the weights: the run's settings, the frozen
-conditioning (VAE, text encoders) and the device.
+"""What sampling and evaluation need besides the weights: the run's settings, which frozen
+conditioning (VAE, text encoders) to load (mmdit.conditioning loads it) and the device.
 
 A training checkpoint carries its run config, so the conditioning it was trained with (the
 encoders, T5 length, dtype) is reused; `--components DIR` points at where those components
@@ -16,12 +16,9 @@ from pathlib import Path
 import torch
 
 from mmdit.checkpoints import CheckpointError, read_run_config
-from mmdit.conditioning import VAE, ConditioningConfig, TextEncoders
-from mmdit.flow import SD3_SAMPLING_SHIFT, matched_shift
+from mmdit.conditioning import ConditioningConfig
 from mmdit.typed_config import from_dict
 from mmdit.weights import Weights
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -35,28 +32,6 @@ def run_config_of(weights: Weights) -> Mapping:
     if weights.kind != "checkpoint":
         return {}
     return read_run_config(weights.source)
-
-
-def sampling_shift(
-    run_config: Mapping, height: int, width: int, override: float | None = None
-) -> float:
-    """The sampler's shift for `run_config` (a checkpoint's resolved run config; {} for
-    exported weights) at height x width: `override` when given and > 0, else the run's
-    eval.shift when > 0, else the run's training shift at that size (flow.matched_shift).
-    Weights without a run config sample with SD3's 3.0. Checkpoints of runs made before
-    train.shift existed recorded eval.shift: 3.0, so they keep sampling as before."""
-    if override:
-        return float(override)
-    if not run_config:
-        return SD3_SAMPLING_SHIFT
-    ev, train = run_config.get("eval") or {}, run_config.get("train") or {}
-    return matched_shift(
-        float(ev.get("shift", 0.0)),
-        float(train.get("shift", 1.0)),
-        int(train.get("shift_base_resolution", 0)),
-        height,
-        width,
-    )
 
 
 def conditioning_of(
@@ -83,24 +58,3 @@ def conditioning_of(
             f"components directory {config.components} does not exist; pass --components DIR"
         )
     return config
-
-
-def load_vae(config: ConditioningConfig, device: torch.device) -> VAE:
-    return VAE.from_pretrained(
-        config.components or None,
-        path=config.paths().get("vae"),
-        dtype=DTYPES[config.dtype],
-        device=device,
-        chunk_size=config.vae_chunk_size,
-    )
-
-
-def load_text_encoders(config: ConditioningConfig, device: torch.device) -> TextEncoders:
-    return TextEncoders.from_pretrained(
-        config.components or None,
-        paths=config.paths(),
-        use_t5=config.use_t5,
-        t5_max_length=config.t5_max_length,
-        dtype=DTYPES[config.dtype],
-        device=device,
-    )

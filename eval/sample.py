@@ -32,17 +32,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from eval.loading import (
-    DTYPES,
-    conditioning_of,
-    load_text_encoders,
-    load_vae,
-    pick_device,
-    run_config_of,
-    sampling_shift,
-)
+from eval.loading import conditioning_of, pick_device, run_config_of
 from mmdit.atomic_file import write_atomic
 from mmdit.checkpoints import CheckpointError
+from mmdit.conditioning import DTYPES, load_text_encoders, load_vae
+from mmdit.flow import sampling_shift
 from mmdit.sampling import generate, image_grid, save_png, to_uint8
 from mmdit.weights import load_weights
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -131,6 +131,28 @@ def matched_shift(
     if eval_shift > 0:
         return float(eval_shift)
     return resolution_shift(train_shift, base_resolution, height, width)
+
+
+def sampling_shift(
+    run_config: Mapping, height: int, width: int, override: float | None = None
+) -> float:
+    """The sampler's shift for `run_config` (a checkpoint's resolved run config; {} for
+    exported weights) at height x width: `override` when given and > 0, else the run's
+    eval.shift when > 0, else the run's training shift at that size (matched_shift).
+    Weights without a run config sample with SD3's 3.0. Checkpoints of runs made before
+    train.shift existed recorded eval.shift: 3.0, so they keep sampling as before."""
+    if override:
+        return float(override)
+    if not run_config:
+        return SD3_SAMPLING_SHIFT
+    ev, train = run_config.get("eval") or {}, run_config.get("train") or {}
+    return matched_shift(
+        float(ev.get("shift", 0.0)),
+        float(train.get("shift", 1.0)),
+        int(train.get("shift_base_resolution", 0)),
+        height,
+        width,
+    )
 
 
 # The sampler grid follows diffusers' FlowMatchEulerDiscreteScheduler, which SD3 pipelines use.

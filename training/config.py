@@ -2,10 +2,10 @@
 
 The section dataclasses live with the package that owns them (`mmdit.MMDiTConfig`,
 `mmdit.conditioning.ConditioningConfig`, `data_pipeline.config.DataConfig`,
-`eval.config.EvalConfig`); `TrainConfig` and `LaunchConfig` live here because the trainer
-honours both (the launch section describes the training job's process layout and preemption
-policy; `slurm` turns it into a Slurm request). The DeepSpeed JSON is derived from this tree,
-never written by hand.
+`data_pipeline.eval_config.EvalConfig`); `TrainConfig` and `LaunchConfig` live here because the
+trainer honours both (the launch section describes the training job's process layout and
+preemption policy; `slurm` turns it into a Slurm request). The DeepSpeed JSON is derived from
+this tree, never written by hand.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Literal
 
 from data_pipeline.buckets import buckets_for
 from data_pipeline.config import DataConfig
-from eval.config import EvalConfig
+from data_pipeline.eval_config import EvalConfig
 from mmdit.conditioning.config import ConditioningConfig
 from mmdit.conditioning.vae import SPATIAL_FACTOR as LATENT_FACTOR
 from mmdit.lora import scale as lora_scale

@@ -108,12 +108,12 @@ def write_scheduler(folder: Path, source: Path | None, shift: float) -> None:
 
 
 def pipeline_shift(run_config: Mapping[str, Any], config: MMDiTConfig) -> float:
-    """The scheduler's shift: what mmdit-sample uses for this run (eval.loading.sampling_shift)
+    """The scheduler's shift: what mmdit-sample uses for this run (flow.sampling_shift)
     at the pipeline's default size (sample_size x 8 pixels square). A diffusers scheduler has
     one shift, so a run trained with the resolution-dependent rule
     (train.shift_base_resolution) gets its value at that size."""
-    from eval.loading import sampling_shift
     from mmdit.conditioning.vae import SPATIAL_FACTOR
+    from mmdit.flow import sampling_shift
 
     side = config.sample_size * SPATIAL_FACTOR
     return sampling_shift(run_config, side, side)

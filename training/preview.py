@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-from eval.loading import load_text_encoders
 from mmdit import flow
-from mmdit.conditioning import VAE, TextEncoders
+from mmdit.conditioning import VAE, TextEncoders, load_text_encoders
 from mmdit.sampling import generate, image_grid, save_png
 from training.config import RunConfig
 from training.ema import ShardedEMA, gather_model

@@ -40,6 +40,7 @@ import torch
 from data_pipeline import build_loader
 from data_pipeline.bad_samples import REASONS
 from data_pipeline.loader import reshard_state
+from data_pipeline.model_inputs import ModelInputs
 from mmdit import distributed, flow
 from mmdit.checkpoints import DS_TAG
 from mmdit.conditioning import conditioning_identity
@@ -54,7 +55,6 @@ from training.ds_config import accumulation_steps, deepspeed_config
 from training.ema import ShardedEMA
 from training.lora import add_lora, attach_frozen_base
 from training.metrics_log import PREVIEW_TAG, MetricsLogger
-from training.model_inputs import ModelInputs
 from training.optim import build_optimizer, lr_at, repair_after_load
 from training.regional_compile import compile_blocks, compile_count
 from training.stragglers import BlockTimer, StragglerReport

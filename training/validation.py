@@ -1,10 +1,11 @@
 """Validation loss during training, logged with the training metrics.
 
 Every `eval.val_every` steps, and at step 0 of a fresh run, the sharded EMA is gathered into a
-plain MMDiT on rank 0, which computes the SD3-style validation loss of eval.val_loss (fixed
-sigma bins, fixed noise, posterior-mean latents) on the first `eval.val_samples` samples of
-`eval.val_shards`; the other ranks wait. It is the number `mmdit-eval --weights ema` gives for
-the checkpoint of the same step, so the curve in metrics.jsonl and the eval table agree.
+plain MMDiT on rank 0, which computes the SD3-style validation loss of
+data_pipeline.held_out_loss (fixed sigma bins, fixed noise, posterior-mean latents) on the
+first `eval.val_samples` samples of `eval.val_shards`; the other ranks wait. It is the number
+`mmdit-eval --weights ema` gives for the checkpoint of the same step, so the curve in
+metrics.jsonl and the eval table agree.
 Rank 0 evaluates alone because a full copy of the weights on every rank would cost each of
 them the memory ZeRO-3 saves; on GPUs a few hundred samples take seconds.
 """
@@ -17,12 +18,12 @@ import time
 import torch
 
 from data_pipeline.eval_samples import shard_mode
-from eval.loading import load_text_encoders
-from eval.val_loss import batch_to_inputs, held_out_loss
+from data_pipeline.held_out_loss import held_out_loss
+from data_pipeline.model_inputs import ModelInputs
 from mmdit import distributed
+from mmdit.conditioning import load_text_encoders
 from training.config import RunConfig
 from training.ema import ShardedEMA, gather_model
-from training.model_inputs import ModelInputs
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class Validator:
                 model,
                 self.config.data,
                 ev.val_shards,
-                batch_to_inputs(self.vae, self.text),
+                self.vae,
+                self.text,
                 samples=ev.val_samples,
                 bins=ev.sigma_bins,
                 noise_seed=ev.noise_seed,

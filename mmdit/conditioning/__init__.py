@@ -10,11 +10,13 @@ from mmdit.conditioning.components import (
     identity_hash,
 )
 from mmdit.conditioning.config import ConditioningConfig
+from mmdit.conditioning.loading import DTYPES, load_text_encoders, load_vae
 from mmdit.conditioning.text import DEFAULT_DROPOUT, TextEmbeddings, TextEncoders, draw_dropout
 from mmdit.conditioning.vae import VAE
 
 __all__ = [
     "DEFAULT_DROPOUT",
+    "DTYPES",
     "VAE",
     "ComponentError",
     "ConditioningConfig",
@@ -26,4 +28,6 @@ __all__ = [
     "identity_differences",
     "draw_dropout",
     "identity_hash",
+    "load_text_encoders",
+    "load_vae",
 ]

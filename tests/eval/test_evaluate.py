@@ -17,9 +17,9 @@ from PIL import Image
 
 from data_pipeline.config import DataConfig
 from data_pipeline.eval_samples import eval_items
-from eval import val_loss
 from eval.evaluate import main as eval_main
 from eval.sample import main as sample_main
+from mmdit import val_loss
 from tests.training.conftest import REPO, read_metrics, run_training, train_overrides
 
 pytestmark = pytest.mark.slow
@@ -134,8 +134,7 @@ def test_val_loss_of_a_zero_velocity_model_matches_a_hand_computation(
 ):
     """per_sample_losses with a model that predicts zero velocity: the loss is exactly the
     mean square of the fixed target noise - x0, computed here by hand."""
-    from eval.loading import load_vae
-    from mmdit.conditioning import ConditioningConfig
+    from mmdit.conditioning import ConditioningConfig, load_vae
 
     vae = load_vae(ConditioningConfig(components=str(tiny_components), dtype="fp32"), "cpu")
     data = DataConfig(resolution=32)
@@ -149,13 +148,15 @@ def test_val_loss_of_a_zero_velocity_model_matches_a_hand_computation(
 
     def to_inputs(b):
         x0 = vae.encode_to_model(b["images"], sample=False)
-        return x0, torch.zeros(3, 5, 4096), torch.zeros(3, 2048)
+        return val_loss.HeldOutInputs(
+            b["indices"], x0, torch.zeros(3, 5, 4096), torch.zeros(3, 2048)
+        )
 
     def zero_model(x, sigma, context, pooled):
         return torch.zeros_like(x)
 
-    losses = val_loss.per_sample_losses(zero_model, [batch], to_inputs, bins=2, noise_seed=7)
-    x0 = to_inputs(batch)[0]
+    losses = val_loss.per_sample_losses(zero_model, [to_inputs(batch)], bins=2, noise_seed=7)
+    x0 = to_inputs(batch).latents
     for i in range(3):
         for k in range(2):
             noise = val_loss.fixed_noise(tuple(x0.shape[1:]), 7, i, k)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from eval.config import EvalConfig
-from eval.loading import sampling_shift
+from data_pipeline.eval_config import EvalConfig
+from mmdit.flow import sampling_shift
 from training.config import TrainConfig
 
 

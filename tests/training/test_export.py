@@ -185,7 +185,8 @@ def test_checkpoint_forms_and_errors(run_dir, step3, tmp_path, capsys):
 def test_pipeline_export_loads_alone_and_samples_as_our_sampler(run_dir, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    from eval.loading import conditioning_of, load_text_encoders, load_vae
+    from eval.loading import conditioning_of
+    from mmdit.conditioning import load_text_encoders, load_vae
     from mmdit.sampling import generate, initial_noise
     from mmdit.weights import load_weights
 

@@ -4,7 +4,8 @@ The training loss is noisy twice over: sigma is drawn at random and so is the no
 are fixed. Every held-out sample is evaluated at the same K sigmas, the centres of K equal bins
 of [0, 1] (sigma_k = (k + 0.5) / K, "stratified"), with noise drawn from a generator seeded by
 (noise_seed, the sample's position in the ordered held-out pass, k), on the CPU. Latents are the
-VAE posterior *mean* (not a draw) and the caption is never dropped. So a number depends only on
+VAE posterior *mean* (not a draw) and the caption is never dropped
+(data_pipeline.model_inputs.held_out_inputs). So a number depends only on
 the weights, the held-out set and (K, noise_seed): the same on 1 or 64 ranks, on CPU or GPU up
 to float rounding, and comparable between model sizes.
 
@@ -15,6 +16,9 @@ The grid is never shifted by train.shift: the number measures the velocity error
 path with equal weight, so runs and stages trained with different shifts (or none) stay
 comparable on one scale. The trainer's own `loss_by_sigma` bins, by contrast, are of the
 shifted sigmas the model was trained on, so they show where the training density puts its mass.
+
+Here is the math on model inputs; data_pipeline.held_out_loss runs it over the held-out shards
+and merges the ranks' shares, for the trainer's validation and mmdit-eval alike.
 """
 
 from __future__ import annotations
@@ -24,19 +28,25 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
-from data_pipeline.bad_samples import BadSampleCounter
-from data_pipeline.config import DataConfig
-from data_pipeline.eval_samples import eval_batches, shard_mode
 from mmdit import flow
 
 log = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
-# batch -> (latents (B, 16, h, w) normalised, context (B, L, 4096), pooled (B, 2048))
-InputsFn = Callable[[dict], tuple[Tensor, Tensor, Tensor]]
+
+
+class HeldOutInputs(NamedTuple):
+    """One held-out batch as the model takes it, with each sample's position in the ordered
+    held-out pass (the position seeds the sample's fixed noise)."""
+
+    indices: list[int]
+    latents: Tensor  # (B, 16, h, w), normalised
+    context: Tensor  # (B, L, 4096)
+    pooled: Tensor  # (B, 2048)
 
 
 @dataclass(frozen=True)
@@ -76,26 +86,22 @@ def fixed_noise(shape: tuple[int, ...], noise_seed: int, index: int, k: int) -> 
 @torch.no_grad()
 def per_sample_losses(
     model_fn: Callable[..., Tensor],
-    batches: Iterable[dict],
-    to_inputs: InputsFn,
+    batches: Iterable[HeldOutInputs],
     *,
     bins: int,
     noise_seed: int,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> dict[int, list[float]]:
-    """{sample position: [loss at sigma_0, ..., sigma_K-1]} for this rank's batches.
-
-    Each batch needs "indices" (positions in the ordered held-out pass; see
-    data_pipeline.eval_samples)."""
+    """{sample position: [loss at sigma_0, ..., sigma_K-1]} for this rank's batches."""
     sigmas = bin_sigmas(bins).float().tolist()
     out: dict[int, list[float]] = {}
     done, start = 0, time.monotonic()
     for n_batches, batch in enumerate(batches, start=1):
-        latents, context, pooled = to_inputs(batch)
-        x0 = latents.to(device, torch.float32)
-        context, pooled = context.to(device, dtype), pooled.to(device, dtype)
-        indices = batch["indices"]
+        x0 = batch.latents.to(device, torch.float32)
+        context = batch.context.to(device, dtype)
+        pooled = batch.pooled.to(device, dtype)
+        indices = batch.indices
         losses = []
         for k, s in enumerate(sigmas):
             noise = torch.stack(
@@ -146,63 +152,3 @@ def reduce_losses(
         noise_seed=noise_seed,
         bad_samples=dict(bad or {}),
     )
-
-
-def held_out_loss(
-    model_fn: Callable[..., Tensor],
-    data: DataConfig,
-    shards: str,
-    to_inputs: InputsFn,
-    *,
-    samples: int,
-    bins: int,
-    noise_seed: int,
-    batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    gather: Callable[[object], list] = lambda obj: [obj],
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> ValLoss:
-    """The validation loss of `model_fn` on the first `samples` (0 = all) samples of `shards`,
-    this rank evaluating its share; `gather` (a collective returning every rank's object, e.g.
-    mmdit.distributed.gather_objects) merges the shares."""
-    counter = BadSampleCounter()
-    batches = eval_batches(
-        data,
-        shards,
-        mode=shard_mode(shards),
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        limit=samples or None,
-        counter=counter,
-    )
-    losses = per_sample_losses(
-        model_fn, batches, to_inputs, bins=bins, noise_seed=noise_seed, device=device, dtype=dtype
-    )
-    merged: dict[int, list[float]] = {}
-    total = BadSampleCounter()
-    for part, counts in gather((losses, counter.as_dict())):
-        merged.update({int(k): v for k, v in part.items()})
-        total.merge(counts)
-    bad = {reason: n for reason, n in total.bad.items() if n}
-    return reduce_losses(merged, bins=bins, noise_seed=noise_seed, bad=bad)
-
-
-def batch_to_inputs(vae, text_encoders=None) -> InputsFn:
-    """Deterministic model inputs for a held-out batch: the posterior mean as latents, the
-    caption's embeddings with no dropout. Raw batches ("images") need the text encoders;
-    cached ones ("mean", "context", "pooled") carry their embeddings."""
-
-    def to_inputs(batch: dict) -> tuple[Tensor, Tensor, Tensor]:
-        if "images" in batch:
-            if text_encoders is None:
-                raise ValueError("raw held-out shards need the text encoders (--components)")
-            latents = vae.encode_to_model(batch["images"], sample=False)
-            text = text_encoders.encode(batch["captions"])
-            return latents.float(), text.context.float(), text.pooled.float()
-        mean = batch["mean"].to(vae.device).float()
-        return vae.to_model(mean).float(), batch["context"].float(), batch["pooled"].float()
-
-    return to_inputs

@@ -1,4 +1,8 @@
-"""The `eval` section of a run file: validation loss, sampling and metric settings."""
+"""The `eval` section of a run file: the held-out set and how the validation loss is measured
+on it, and how samples are drawn for previews and metrics.
+
+It lives below both the trainer (which validates and previews during a run) and mmdit-eval
+(which reads it back from a checkpoint's run config), so neither imports the other for it."""
 
 from __future__ import annotations
 
