@@ -76,7 +76,7 @@ from eval.val_loss import batch_to_inputs, held_out_loss
 from mmdit import distributed
 from mmdit.atomic_file import write_atomic
 from mmdit.flops import param_counts
-from mmdit.sampling import generate, to_uint8
+from mmdit.sampling import sample_prompts, to_uint8
 from mmdit.typed_config import from_dict
 
 log = logging.getLogger("mmdit-eval")
@@ -340,36 +340,13 @@ def fid_prompts_and_reference(settings: Mapping) -> tuple[list[str], dict, objec
 
 def generate_images(model, vae, text_encoders, prompts, settings, env, device, dtype):
     """This rank's contiguous share of the generated images, as {index: uint8 (3, H, W)}.
-    Image i uses noise seed settings["seed"] + i (mmdit.sampling.generate seeds row j of a
-    call with seed + j), so the images do not depend on the number of ranks or the batch."""
-    n, batch = len(prompts), settings["batch_size"]
+    Image i uses noise seed settings["seed"] + i (mmdit.sampling seeds prompt j of a call with
+    seed + j), so the images do not depend on the number of ranks or the batch."""
+    n = len(prompts)
     share = range(n * env.rank // env.world_size, n * (env.rank + 1) // env.world_size)
-    negative = text_encoders.encode([""])
-    out: dict[int, torch.Tensor] = {}
     start = time.monotonic()
-    for lo in range(share.start, share.stop, batch):
-        hi = min(lo + batch, share.stop)
-        text = text_encoders.encode(prompts[lo:hi])
-        images = generate(
-            model,
-            vae,
-            text.context.float(),
-            text.pooled.float(),
-            neg_context=negative.context.float(),
-            neg_pooled=negative.pooled.float(),
-            height=settings["fid_size"],
-            width=settings["fid_size"],
-            seed=settings["seed"] + lo,
-            steps=settings["steps"],
-            cfg_scale=settings["cfg"],
-            shift=settings["shift"],
-            batch_size=batch,
-            device=device,
-            dtype=dtype,
-        )
-        pixels = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
-        out.update(zip(range(lo, hi), pixels, strict=True))
-        done = hi - share.start
+
+    def progress(done: int) -> None:
         rate = done / max(time.monotonic() - start, 1e-9)
         log.info(
             "generated %d/%d images on rank %d (%.2f img/s, ETA %.0f s)",
@@ -379,7 +356,25 @@ def generate_images(model, vae, text_encoders, prompts, settings, env, device, d
             rate,
             (len(share) - done) / max(rate, 1e-9),
         )
-    return out
+
+    pixels = sample_prompts(
+        model,
+        vae,
+        text_encoders,
+        prompts[share.start : share.stop],
+        height=settings["fid_size"],
+        width=settings["fid_size"],
+        seed=settings["seed"] + share.start,
+        steps=settings["steps"],
+        cfg_scale=settings["cfg"],
+        shift=settings["shift"],
+        batch_size=settings["batch_size"],
+        device=device,
+        dtype=dtype,
+        on_batch=progress,
+    )
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
+    return dict(zip(share, images, strict=True))
 
 
 # --------------------------------------------------------------------------------------------
