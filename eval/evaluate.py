@@ -75,7 +75,8 @@ from eval.loading import (
 from eval.val_loss import batch_to_inputs, held_out_loss
 from mmdit import distributed
 from mmdit.atomic_file import write_atomic
-from mmdit.flops import param_counts
+from mmdit.conditioning import ConditioningConfig
+from mmdit.flops import param_counts, train_flops_per_sample
 from mmdit.sampling import sample_prompts, to_uint8
 from mmdit.typed_config import from_dict
 
@@ -237,22 +238,15 @@ def describe(weights: Weights) -> dict:
         "train_flops": None,
     }
     if config:
-        from types import SimpleNamespace
-
-        from eval.scaling import train_flops_per_sample
-        from mmdit.conditioning import ConditioningConfig
-
         src = weights.source
-        run = SimpleNamespace(
-            model=weights.config,
-            data=_section(config, "data", DataConfig, src),
-            conditioning=_section(config, "conditioning", ConditioningConfig, src),
-        )
+        data = _section(config, "data", DataConfig, src)
+        cond = _section(config, "conditioning", ConditioningConfig, src)
         train = config.get("train") or {}
         world = read_manifest(src).get("world_size", 1)
         batch = train.get("global_batch_size") or train.get("micro_batch_size", 1) * world
         row["samples_seen"] = int(weights.step) * int(batch)
-        row["train_flops"] = float(row["samples_seen"]) * train_flops_per_sample(run)
+        per_sample = train_flops_per_sample(weights.config, data.resolution, cond.t5_max_length)
+        row["train_flops"] = float(row["samples_seen"]) * per_sample
     return row
 
 
