@@ -37,7 +37,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ from typing import Any
 # The layout's names are shared with its readers (eval, mmdit-export).
 from eval.checkpoints import DS_TAG, LATEST, MANIFEST, STEP_DIR, step_dir_name
 from mmdit import distributed
-from mmdit.atomic_file import write_atomic
+from mmdit.atomic_file import stage_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -263,12 +262,8 @@ class CheckpointManager:
         previous state; a rename that fails after the first is undone."""
         self._write_manifest(tmp, step, files)
         latest = self.root / LATEST
-        fd, latest_tmp = tempfile.mkstemp(dir=self.root, prefix=f".{LATEST}.", suffix=".tmp")
+        latest_tmp = stage_file(latest, final.name + "\n")
         try:
-            with os.fdopen(fd, "w") as f:
-                f.write(final.name + "\n")
-                f.flush()
-                os.fsync(f.fileno())
             if final.exists():  # the same step saved again after a resume: replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -278,7 +273,7 @@ class CheckpointManager:
                 os.replace(final, tmp)  # unpublish; _agree then removes it
                 raise
         finally:
-            Path(latest_tmp).unlink(missing_ok=True)
+            latest_tmp.unlink(missing_ok=True)
 
     def _write_manifest(self, directory: Path, step: int, files: dict[str, dict]) -> None:
         write_json_atomic(
