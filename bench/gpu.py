@@ -87,6 +87,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
 from mmdit import flops  # noqa: E402
+from mmdit.atomic_file import atomic_path  # noqa: E402
 from mmdit.attention import BACKENDS, attention, check_backend  # noqa: E402
 from mmdit.model import MMDiT, MMDiTConfig  # noqa: E402
 
@@ -217,10 +218,8 @@ class Run:
     def save(self) -> None:
         """Rewrite the whole JSON (atomically): a run killed later still leaves this much."""
         self.report["wall_s"] = round(self.budget.spent(), 3)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.out.with_name(self.out.name + ".tmp")
-        tmp.write_text(json.dumps(self.report, indent=1) + "\n")
-        os.replace(tmp, self.out)
+        with atomic_path(self.out) as tmp:
+            tmp.write_text(json.dumps(self.report, indent=1) + "\n")
 
     def sync(self) -> None:
         if self.cuda:

@@ -10,7 +10,7 @@ What it does, per source shard of ``data.shards`` (expanded with `expand_shards`
   ``RANK``/``WORLD_SIZE``, else ``SLURM_PROCID``/``SLURM_NTASKS``, else 0/1, so one Slurm array
   or ``srun -n W`` runs it unchanged;
 - the cache shard is ``DIR/<same basename>.tar``, written with webdataset's `TarWriter` to
-  ``<name>.tmp`` and renamed when complete: a shard whose final file exists is SKIPPED, so a
+  ``.<name>.tmp`` and renamed when complete: a shard whose final file exists is SKIPPED, so a
   killed job rerun with the same arguments only does the rest;
 - every sample is read with `iter_samples` + `parse_sample` (``data.caption``,
   ``data.empty_caption``), decoded to its aspect-ratio bucket with `decode_to_bucket`
@@ -68,7 +68,7 @@ from data_pipeline.cache_format import (
 from data_pipeline.config import DataConfig
 from data_pipeline.images import image_to_tensor
 from data_pipeline.tar_samples import expand_shards, iter_samples, parse_sample
-from mmdit.atomic_file import write_atomic
+from mmdit.atomic_file import atomic_path, write_atomic
 from mmdit.conditioning import (
     VAE,
     ComponentError,
@@ -360,9 +360,8 @@ class ShardEncoder:
 
         data = self.cfg.data
         counter = BadSampleCounter()
-        tmp = dest.with_name(dest.name + ".tmp")
         pending: dict[Bucket, list[_Pending]] = {}
-        try:
+        with atomic_path(dest) as tmp:
             with open(tmp, "wb") as f:
                 writer = wds.TarWriter(f, encoder=False, mtime=0.0)
                 samples = iter_samples(
@@ -414,10 +413,6 @@ class ShardEncoder:
                 dest.with_name(dest.name[: -len(".tar")] + STATS_SUFFIX),
                 json.dumps(stats, indent=2).encode(),
             )
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return counter.as_dict()
 
 

@@ -21,7 +21,7 @@ Keys are unique over the whole output and never contain a dot or a slash.
 Inputs that cannot be used are rejected, counted per reason and never written:
 ``missing_image`` (file missing / unreadable), ``corrupt_image`` (does not decode, or a format
 other than JPEG/PNG/WEBP without ``--reencode jpg``), ``missing_caption``, ``empty_caption``.
-Each shard is written to ``NNNNNN.tar.tmp`` and renamed when complete, so a crash never leaves
+Each shard is written to ``.NNNNNN.tar.tmp`` and renamed when complete, so a crash never leaves
 a half shard under a final name. The summary is printed and saved as ``DIR/_write_summary.json``.
 
 ``mmdit-shards inspect PATTERN`` reads shards (brace pattern, directory, list file; img2dataset
@@ -54,6 +54,7 @@ from data_pipeline.bad_samples import BadSample, BadSampleCounter
 from data_pipeline.config import DataConfig
 from data_pipeline.images import IMAGE_EXTENSIONS, decode_image
 from data_pipeline.tar_samples import expand_shards, iter_samples, parse_sample
+from mmdit.atomic_file import atomic_path, publish, temp_name
 
 SUMMARY_NAME = "_write_summary.json"
 CAPTION_SUFFIXES = (".txt", ".caption")
@@ -144,8 +145,8 @@ def _table_items(path: Path, kind: str, image_col: str, caption_col: str):
 
 
 class _ShardSink:
-    """Rolls over TarWriter shards by count and size; each shard is written to a .tmp file
-    and renamed atomically when closed."""
+    """Rolls over TarWriter shards by count and size; each shard is written to its temporary
+    name (mmdit.atomic_file.temp_name) and published when closed."""
 
     def __init__(self, out: Path, prefix: str, max_count: int, max_bytes: int):
         self.out, self.prefix = out, prefix
@@ -168,7 +169,7 @@ class _ShardSink:
 
         self.close()
         self.index += 1
-        self.tmp = self.out / (self.name(self.index) + ".tmp")
+        self.tmp = temp_name(self.out / self.name(self.index))
         self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()
         self.writer = wds.TarWriter(self.file, encoder=False)
         self.count = 0
@@ -193,7 +194,7 @@ class _ShardSink:
         os.fsync(self.file.fileno())
         self.file.close()
         final = self.out / self.name(self.index)
-        os.replace(self.tmp, final)
+        publish(self.tmp, final)
         self.total_bytes += final.stat().st_size
         self.shards.append(final.name)
         self.writer = self.file = self.tmp = None
@@ -301,9 +302,8 @@ def write_shards(
         "rejected": {r: n for r, n in rejected.as_dict().items() if r != "good" and n},
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    tmp = out / (SUMMARY_NAME + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / SUMMARY_NAME)
+    with atomic_path(out / SUMMARY_NAME) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
 

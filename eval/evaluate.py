@@ -21,7 +21,8 @@ Metrics (--metrics):
             are cached on disk, keyed by the data and the feature extractor
   clip      CLIP score (open_clip, 100 * max(cos, 0), mean over the same generated images)
 Settings not given on the command line come from the first checkpoint's run config (eval and
-data sections); every row records the settings it was computed with.
+data sections); --set SECTION.KEY=VALUE reaches any eval.* or data.* field (eval/settings.py).
+Every row records the settings it was computed with.
 
 Output (--out DIR): table.csv and table.json, one row per (checkpoint, weights) with run,
 model, depth, params, step, samples_seen, train_flops, weights and the metrics. Rows already
@@ -35,7 +36,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -50,11 +50,11 @@ import torch
 
 from data_pipeline.cache_format import CACHE_INFO
 from data_pipeline.config import DataConfig
-from data_pipeline.eval_config import EvalConfig
 from data_pipeline.eval_samples import eval_batches, shard_mode
 from data_pipeline.held_out_loss import held_out_loss
 from data_pipeline.tar_samples import expand_shards
 from eval.loading import conditioning_of, pick_device, run_config_of
+from eval.settings import EvalSettings, add_setting_flags, resolve_settings, settings_id
 from mmdit import distributed
 from mmdit.atomic_file import write_atomic
 from mmdit.checkpoints import (
@@ -67,11 +67,10 @@ from mmdit.checkpoints import (
     resolve_checkpoint,
     run_checkpoints,
 )
-from mmdit.conditioning import DTYPES, load_text_encoders, load_vae
-from mmdit.flops import param_counts
-from mmdit.flow import sampling_shift
-from mmdit.sampling import generate, to_uint8
-from mmdit.typed_config import from_dict
+from mmdit.conditioning import DTYPES, ConditioningConfig, load_text_encoders, load_vae
+from mmdit.flops import param_counts, train_flops_per_sample
+from mmdit.sampling import sample_prompts, to_uint8
+from mmdit.typed_config import ConfigError, from_dict
 from mmdit.weights import Weights, load_weights
 
 log = logging.getLogger("mmdit-eval")
@@ -109,73 +108,8 @@ def expand_targets(specs: Iterable[str], weights: Iterable[str], latest_only: bo
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Settings
-# --------------------------------------------------------------------------------------------
-
-
 def _section(config: Mapping, name: str, cls, source: str):
     return from_dict(cls, config.get(name) or {}, source=f"{source}: {name}")
-
-
-def resolve_settings(args: argparse.Namespace, first: Target) -> dict:
-    """Every setting that changes a number, from the flags, else the first checkpoint's run
-    config, else the defaults. Recorded in each row and hashed into its settings id."""
-    config = read_run_config(first.spec) if first.weights != "exported" else {}
-    ev = _section(config, "eval", EvalConfig, first.spec)
-    data = _section(config, "data", DataConfig, first.spec)
-
-    def pick(flag, default):
-        return default if flag is None else flag
-
-    settings = {
-        "val_shards": pick(args.val_shards, ev.val_shards),
-        "val_samples": pick(args.val_samples, ev.val_samples),
-        "sigma_bins": pick(args.sigma_bins, ev.sigma_bins),
-        "noise_seed": pick(args.noise_seed, ev.noise_seed),
-        "fid_samples": pick(args.fid_samples, ev.fid_samples),
-        "fid_reference": pick(args.fid_reference, ev.fid_reference) or "",
-        "fid_prompts": args.fid_prompts or "",
-        "fid_size": pick(args.fid_size, ev.fid_size) or data.resolution,
-        "seed": pick(args.seed, ev.sample_seed),
-        "steps": pick(args.steps, ev.sample_steps),
-        "cfg": pick(args.cfg, ev.cfg_scale),
-        "shift": pick(args.shift, ev.shift),
-        "inception_weights": pick(args.inception_weights, ev.inception_weights),
-        "clip_model": pick(args.clip_model, ev.clip_model),
-        "clip_checkpoint": pick(args.clip_checkpoint, ev.clip_checkpoint),
-        "clip_pretrained_tag": pick(args.clip_pretrained_tag, ev.clip_pretrained_tag),
-        "data": dataclasses.asdict(data),
-    }
-    settings["fid_reference"] = settings["fid_reference"] or settings["val_shards"]
-    # eval.shift 0 = the training run's own shift at the FID size (mmdit.flow.sampling_shift).
-    side = settings["fid_size"]
-    settings["shift"] = sampling_shift(config, side, side, settings["shift"])
-    return settings
-
-
-def metric_settings(settings: Mapping, metric: str) -> dict:
-    """The settings one metric's value depends on (its part of the settings id)."""
-    if metric == "val_loss":
-        keys = ("val_shards", "val_samples", "sigma_bins", "noise_seed")
-        data = {k: settings["data"][k] for k in ("resolution", "max_aspect_ratio", "caption")}
-        # Bucket families change which bucket (so which crop) a held-out image gets; only
-        # multi-resolution runs add the key, so existing settings ids stay as they were.
-        if settings["data"].get("resolutions"):
-            data["resolutions"] = list(settings["data"]["resolutions"])
-        return {**{k: settings[k] for k in keys}, "data": data}
-    keys = ("fid_samples", "fid_reference", "fid_prompts", "fid_size", "seed", "steps", "cfg")
-    out = {k: settings[k] for k in (*keys, "shift")}
-    if metric == "fid":
-        out["inception_weights"] = Path(settings["inception_weights"] or "default").name
-    else:
-        out["clip"] = [settings["clip_model"], Path(settings["clip_checkpoint"]).name]
-    return out
-
-
-def settings_id(settings: Mapping, metric: str) -> str:
-    text = json.dumps(metric_settings(settings, metric), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,22 +166,15 @@ def describe(weights: Weights) -> dict:
         "train_flops": None,
     }
     if config:
-        from types import SimpleNamespace
-
-        from eval.scaling import train_flops_per_sample
-        from mmdit.conditioning import ConditioningConfig
-
         src = weights.source
-        run = SimpleNamespace(
-            model=weights.config,
-            data=_section(config, "data", DataConfig, src),
-            conditioning=_section(config, "conditioning", ConditioningConfig, src),
-        )
+        data = _section(config, "data", DataConfig, src)
+        cond = _section(config, "conditioning", ConditioningConfig, src)
         train = config.get("train") or {}
         world = read_manifest(src).get("world_size", 1)
         batch = train.get("global_batch_size") or train.get("micro_batch_size", 1) * world
         row["samples_seen"] = int(weights.step) * int(batch)
-        row["train_flops"] = float(row["samples_seen"]) * train_flops_per_sample(run)
+        per_sample = train_flops_per_sample(weights.config, data.resolution, cond.t5_max_length)
+        row["train_flops"] = float(row["samples_seen"]) * per_sample
     return row
 
 
@@ -257,20 +184,21 @@ def describe(weights: Weights) -> dict:
 
 
 def compute_val_loss(model, vae, text_encoders, settings, env, device, dtype) -> dict:
-    if not settings["val_shards"]:
+    ev = settings.eval
+    if not ev.val_shards:
         raise CheckpointError(
             "val_loss needs held-out shards: pass --val-shards or set eval.val_shards"
         )
     result = held_out_loss(
         model,
-        from_dict(DataConfig, settings["data"], source="settings"),
-        settings["val_shards"],
+        settings.data,
+        ev.val_shards,
         vae,
         text_encoders,
-        samples=settings["val_samples"],
-        bins=settings["sigma_bins"],
-        noise_seed=settings["noise_seed"],
-        batch_size=settings["batch_size"],
+        samples=ev.val_samples,
+        bins=ev.sigma_bins,
+        noise_seed=ev.noise_seed,
+        batch_size=settings.batch_size,
         rank=env.rank,
         world_size=env.world_size,
         gather=distributed.gather_objects,
@@ -284,22 +212,26 @@ def compute_val_loss(model, vae, text_encoders, settings, env, device, dtype) ->
     }
 
 
-def fid_prompts_and_reference(settings: Mapping) -> tuple[list[str], dict, object]:
+def fid_prompts_and_reference(settings: EvalSettings) -> tuple[list[str], dict, object]:
     """(all prompts in order, the reference's cache key, a callable yielding reference uint8
     batches) for the FID / CLIP reference set."""
     from eval.fid import load_image_folder
 
-    reference, n, size = settings["fid_reference"], settings["fid_samples"], settings["fid_size"]
+    reference, n, size = (
+        settings.eval.fid_reference,
+        settings.eval.fid_samples,
+        settings.eval.fid_size,
+    )
     if not reference:
         raise CheckpointError("fid needs a reference: pass --fid-reference or set eval.val_shards")
     path = Path(reference)
     if path.is_dir() and not (path / CACHE_INFO).is_file() and not any(path.glob("*.tar")):
-        if not settings["fid_prompts"]:
+        if not settings.fid_prompts:
             raise CheckpointError(
                 f"--fid-reference {reference} is an image folder: pass --fid-prompts FILE (one "
                 "prompt per line) for the images to generate"
             )
-        lines = Path(settings["fid_prompts"]).read_text().splitlines()
+        lines = Path(settings.fid_prompts).read_text().splitlines()
         prompts = [p.strip() for p in lines if p.strip()][:n]
         files = sorted(p for p in path.iterdir() if p.is_file())
         key = {"folder": str(path.resolve()), "files": [(f.name, f.stat().st_size) for f in files]}
@@ -309,7 +241,7 @@ def fid_prompts_and_reference(settings: Mapping) -> tuple[list[str], dict, objec
             lambda: load_image_folder(path, size, n),
         )
     data = dataclasses.replace(
-        from_dict(DataConfig, settings["data"], source="settings"),
+        settings.data,
         resolution=size,
         max_aspect_ratio=1.0,  # one square bucket: every image size - size
     )
@@ -336,36 +268,13 @@ def fid_prompts_and_reference(settings: Mapping) -> tuple[list[str], dict, objec
 
 def generate_images(model, vae, text_encoders, prompts, settings, env, device, dtype):
     """This rank's contiguous share of the generated images, as {index: uint8 (3, H, W)}.
-    Image i uses noise seed settings["seed"] + i (mmdit.sampling.generate seeds row j of a
-    call with seed + j), so the images do not depend on the number of ranks or the batch."""
-    n, batch = len(prompts), settings["batch_size"]
+    Image i uses noise seed eval.sample_seed + i (mmdit.sampling seeds prompt j of a call with
+    seed + j), so the images do not depend on the number of ranks or the batch."""
+    n, ev = len(prompts), settings.eval
     share = range(n * env.rank // env.world_size, n * (env.rank + 1) // env.world_size)
-    negative = text_encoders.encode([""])
-    out: dict[int, torch.Tensor] = {}
     start = time.monotonic()
-    for lo in range(share.start, share.stop, batch):
-        hi = min(lo + batch, share.stop)
-        text = text_encoders.encode(prompts[lo:hi])
-        images = generate(
-            model,
-            vae,
-            text.context.float(),
-            text.pooled.float(),
-            neg_context=negative.context.float(),
-            neg_pooled=negative.pooled.float(),
-            height=settings["fid_size"],
-            width=settings["fid_size"],
-            seed=settings["seed"] + lo,
-            steps=settings["steps"],
-            cfg_scale=settings["cfg"],
-            shift=settings["shift"],
-            batch_size=batch,
-            device=device,
-            dtype=dtype,
-        )
-        pixels = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
-        out.update(zip(range(lo, hi), pixels, strict=True))
-        done = hi - share.start
+
+    def progress(done: int) -> None:
         rate = done / max(time.monotonic() - start, 1e-9)
         log.info(
             "generated %d/%d images on rank %d (%.2f img/s, ETA %.0f s)",
@@ -375,7 +284,25 @@ def generate_images(model, vae, text_encoders, prompts, settings, env, device, d
             rate,
             (len(share) - done) / max(rate, 1e-9),
         )
-    return out
+
+    pixels = sample_prompts(
+        model,
+        vae,
+        text_encoders,
+        prompts[share.start : share.stop],
+        height=ev.fid_size,
+        width=ev.fid_size,
+        seed=ev.sample_seed + share.start,
+        steps=ev.sample_steps,
+        cfg_scale=ev.cfg_scale,
+        shift=ev.shift,
+        batch_size=settings.batch_size,
+        device=device,
+        dtype=dtype,
+        on_batch=progress,
+    )
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
+    return dict(zip(share, images, strict=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,19 +320,19 @@ class Evaluator:
         self.reference = None  # (prompts, FidStatistics or None)
         self._components: dict = {}
 
-    def feature_models(self, settings):
+    def feature_models(self, settings: EvalSettings):
         from eval.clip_score import ClipScorer
         from eval.fid import InceptionFeatures, find_inception_weights
 
         if "fid" in self.metrics and self.inception is None:
-            path = find_inception_weights(settings["inception_weights"] or None)
+            path = find_inception_weights(settings.eval.inception_weights or None)
             self.inception = InceptionFeatures(path, device=self.device)
         if "clip" in self.metrics and self.clip is None:
             self.clip = ClipScorer(
-                settings["clip_model"],
-                settings["clip_checkpoint"],
+                settings.eval.clip_model,
+                settings.eval.clip_checkpoint,
                 device=self.device,
-                pretrained_tag=settings["clip_pretrained_tag"] or None,
+                pretrained_tag=settings.eval.clip_pretrained_tag or None,
             )
 
     def components(self, cond, needs_text: bool):
@@ -417,7 +344,7 @@ class Evaluator:
             self._components["text"] = load_text_encoders(cond, self.device)
         return self._components["vae"], self._components.get("text")
 
-    def reference_stats(self, settings):
+    def reference_stats(self, settings: EvalSettings):
         from eval.fid import reference_statistics
 
         if self.reference is None:
@@ -435,7 +362,7 @@ class Evaluator:
             self.reference = (prompts, stats)
         return self.reference
 
-    def evaluate(self, weights: Weights, settings: dict, wanted: list[str]) -> dict:
+    def evaluate(self, weights: Weights, settings: EvalSettings, wanted: list[str]) -> dict:
         device, dtype = self.device, DTYPES[self.dtype_name]
         cond = conditioning_of(weights, self.args.components, self.dtype_name)
         model = weights.model(device, dtype)
@@ -475,7 +402,7 @@ class Evaluator:
         if "clip" in gen and stacked is not None:
             local["clip"] = self.clip.scores(stacked, [prompts[i] for i in order])
         parts = distributed.gather_objects(local)
-        row: dict = {"fid_samples": len(prompts), "sample_seed": settings["seed"]}
+        row: dict = {"fid_samples": len(prompts), "sample_seed": settings.eval.sample_seed}
         index = [i for p in parts for i in p["indices"]]
         position = sorted(range(len(index)), key=index.__getitem__)
         if "fid" in gen:
@@ -491,8 +418,8 @@ class Evaluator:
         return row
 
 
-def _val_needs_text(settings: Mapping, wanted: list[str]) -> bool:
-    return "val_loss" in wanted and shard_mode(settings["val_shards"]) == "images"
+def _val_needs_text(settings: EvalSettings, wanted: list[str]) -> bool:
+    return "val_loss" in wanted and shard_mode(settings.eval.val_shards) == "images"
 
 
 def _is_column_of(column: str, metrics: list[str]) -> bool:
@@ -502,7 +429,7 @@ def _is_column_of(column: str, metrics: list[str]) -> bool:
     return any(column.startswith(p) for m in metrics for p in prefixes[m])
 
 
-def missing_metrics(row: Mapping | None, metrics: list[str], settings: Mapping) -> list[str]:
+def missing_metrics(row: Mapping | None, metrics: list[str], settings: EvalSettings) -> list[str]:
     """The requested metrics this row lacks, or has from other settings."""
     column = {"val_loss": "val_loss", "fid": "fid", "clip": "clip_score"}
     out = []
@@ -529,8 +456,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = {row_key(r): r for r in read_table(out_dir)}
     if not targets:
         raise CheckpointError("--checkpoints names nothing to evaluate")
-    settings = resolve_settings(args, targets[0])
-    settings["batch_size"] = args.batch_size
+    first = targets[0]
+    run_config = read_run_config(first.spec) if first.weights != "exported" else {}
+    settings = resolve_settings(args, run_config, first.spec)
     # Missing feature-extractor weights fail here, before any image is generated.
     evaluator.feature_models(settings)
     for n, target in enumerate(targets, 1):
@@ -586,24 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None)
-    v = p.add_argument_group("validation loss (default: the run config's eval section)")
-    v.add_argument("--val-shards", metavar="SHARDS")
-    v.add_argument("--val-samples", type=int, metavar="N", help="first N samples; 0 = all")
-    v.add_argument("--sigma-bins", type=int, metavar="K")
-    v.add_argument("--noise-seed", type=int)
-    g = p.add_argument_group("FID and CLIP score")
-    g.add_argument("--fid-samples", type=int, metavar="N")
-    g.add_argument("--fid-reference", metavar="SHARDS|DIR", help="default: the val shards")
-    g.add_argument("--fid-prompts", metavar="FILE", help="prompts for an image-folder reference")
-    g.add_argument("--fid-size", type=int, metavar="PX", help="square side (data.resolution)")
-    g.add_argument("--seed", type=int, help="generated image i uses seed + i")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--cfg", type=float)
-    g.add_argument("--shift", type=float, help="sampler shift (default: the run's eval.shift)")
-    g.add_argument("--inception-weights", metavar="PATH")
-    g.add_argument("--clip-model", metavar="NAME|JSON")
-    g.add_argument("--clip-checkpoint", metavar="PATH")
-    g.add_argument("--clip-pretrained-tag", metavar="TAG")
+    g = add_setting_flags(p)
     g.add_argument(
         "--cache-dir",
         default=os.path.join(os.path.expanduser("~"), ".cache", "mmdit", "fid"),
@@ -622,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         rows = run(args)
-    except (CheckpointError, MissingWeightsError, InvalidWeightsError) as e:
+    except (CheckpointError, ConfigError, MissingWeightsError, InvalidWeightsError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     if distributed.detect().rank == 0:
         out = Path(args.out)

@@ -28,6 +28,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmdit.atomic_file import atomic_path
+
 METRICS_FILE = "metrics.jsonl"
 PREVIEWS_DIR = "previews"
 EVAL_TABLE = "table.json"
@@ -363,10 +365,8 @@ def write_report(run_dirs: list[Path], out: Path, eval_dirs: list[Path] = ()) ->
     tables = find_eval_tables(run_dirs, list(eval_dirs))
     runs = [read_run(p, tables) for p in run_dirs]
     title = "Run report: " + ", ".join(r.name for r in runs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(build_page(runs, title), encoding="utf-8")
-    tmp.replace(out)
+    with atomic_path(out) as tmp:  # a browser reloading the page never gets half of it
+        tmp.write_text(build_page(runs, title), encoding="utf-8")
     return out
 
 

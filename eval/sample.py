@@ -37,7 +37,7 @@ from mmdit.atomic_file import write_atomic
 from mmdit.checkpoints import CheckpointError
 from mmdit.conditioning import DTYPES, load_text_encoders, load_vae
 from mmdit.flow import sampling_shift
-from mmdit.sampling import generate, image_grid, save_png, to_uint8
+from mmdit.sampling import encode_prompts, image_grid, sample_encoded, save_png, to_uint8
 from mmdit.weights import load_weights
 
 log = logging.getLogger("mmdit-sample")
@@ -134,18 +134,14 @@ def run(args: argparse.Namespace) -> list[Path]:
     )
     model = weights.model(device, DTYPES[dtype_name])
     text_encoders = load_text_encoders(cond, device)
-    text = text_encoders.encode(prompts)
-    negative = text_encoders.encode([args.negative_prompt])
+    encoded = encode_prompts(text_encoders, prompts, args.negative_prompt)
     del text_encoders
     vae = load_vae(cond, device)
     start = time.monotonic()
-    images = generate(
+    images = sample_encoded(
         model,
         vae,
-        text.context.float(),
-        text.pooled.float(),
-        neg_context=negative.context.float(),
-        neg_pooled=negative.pooled.float(),
+        encoded,
         height=height,
         width=width,
         seed=args.seed,

@@ -36,9 +36,6 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from mmdit.atomic_file import write_atomic
-from mmdit.conditioning.text import CLIP_LENGTH
-from mmdit.conditioning.vae import SPATIAL_FACTOR
-from mmdit.flops import approx_train_flops_per_sample
 
 # Columns every table must have; the metric column is added by --metric.
 REQUIRED_COLUMNS = ("run", "model", "params", "step", "train_flops", "weights")
@@ -53,27 +50,6 @@ TINY_E = 1e-6  # "E = 0" start, relative to the smallest metric value (E = exp(e
 
 class ScalingError(ValueError):
     """A table or fit problem; the message names the bad input and the fix."""
-
-
-# -- compute accounting (shared with the scaling ladder and the eval table) -------------------
-
-
-def sequence_tokens(config) -> tuple[int, int]:
-    """(image tokens, text tokens) of one square training sample of a RunConfig.
-
-    The same counts the trainer's tokens/s and TFLOP/s use: latents are resolution / 8 on a
-    side, cut into patch x patch tokens; the context is CLIP's 77 tokens (CLIP-L and bigG are
-    concatenated along channels) followed by t5_max_length T5 tokens, which are zeros but still
-    attended to when conditioning.use_t5 is false.
-    """
-    side = config.data.resolution // SPATIAL_FACTOR // config.model.patch_size
-    return side * side, CLIP_LENGTH + config.conditioning.t5_max_length
-
-
-def train_flops_per_sample(config) -> int:
-    """Training FLOPs of one sample (forward + backward), as the trainer's MFU counts them."""
-    image_tokens, text_tokens = sequence_tokens(config)
-    return approx_train_flops_per_sample(config.model, image_tokens, text_tokens)
 
 
 # -- reading the table ------------------------------------------------------------------------

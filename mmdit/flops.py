@@ -11,6 +11,8 @@ Two levels of detail:
   backward that an MFU figure should not count, and the CPU fused kernel is not counted at all).
 * ``approx_train_flops_per_sample``: DESIGN.md's closed form, 6 P_stream N + 12 D h N^2 with
   P_stream = 12 h^2 D: the per-token weights of one stream plus attention, nothing else.
+  ``train_flops_per_sample`` applies it to a square training sample (``sample_tokens``): the
+  one count behind the trainer's MFU, the eval table's train_flops and the scaling ladder.
 
 Norms, activations, softmax and modulation arithmetic are elementwise and not counted; they
 are well under 1% of the matmul work at any real size.
@@ -20,7 +22,13 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from mmdit.conditioning.text import CLIP_LENGTH
+from mmdit.conditioning.vae import SPATIAL_FACTOR
+
+if TYPE_CHECKING:
+    from mmdit.model import MMDiTConfig
 
 TIMESTEP_DIM = 256  # width of the sinusoidal timestep features fed to the timestep MLP
 
@@ -199,7 +207,7 @@ def matmul_flops_per_sample(
     return sum(matmul_flops_breakdown(config, height, width, text_len, training).values())
 
 
-def approx_train_flops_per_sample(config: Any, image_tokens: int, text_tokens: int) -> int:
+def approx_train_flops_per_sample(config: MMDiTConfig, image_tokens: int, text_tokens: int) -> int:
     """DESIGN.md's estimate: 6 P_stream N + 12 D h N^2, P_stream = 12 h^2 D, N = all tokens.
 
     Every token passes through one stream's weights (12 h^2 per block: qkv 3, out 1, MLP 8),
@@ -211,3 +219,21 @@ def approx_train_flops_per_sample(config: Any, image_tokens: int, text_tokens: i
     n = image_tokens + text_tokens
     p_stream = 12 * h * h * depth
     return 6 * p_stream * n + 12 * depth * h * n * n
+
+
+def sample_tokens(config: MMDiTConfig, resolution: int, t5_max_length: int) -> tuple[int, int]:
+    """(image tokens, text tokens) of one square training sample of ``resolution`` pixels.
+
+    The same counts the trainer's tokens/s and TFLOP/s use: latents are resolution / 8 on a
+    side, cut into patch x patch tokens; the context is CLIP's 77 tokens (CLIP-L and bigG are
+    concatenated along channels) followed by ``t5_max_length`` T5 tokens, which are zeros but
+    still attended to when the run does not use T5.
+    """
+    side = resolution // SPATIAL_FACTOR // config.patch_size
+    return side * side, CLIP_LENGTH + t5_max_length
+
+
+def train_flops_per_sample(config: MMDiTConfig, resolution: int, t5_max_length: int) -> int:
+    """Training FLOPs (forward + backward) of one square sample, as the trainer's MFU counts
+    them: ``approx_train_flops_per_sample`` at ``sample_tokens``."""
+    return approx_train_flops_per_sample(config, *sample_tokens(config, resolution, t5_max_length))

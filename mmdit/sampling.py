@@ -5,8 +5,11 @@ for the same (prompt, seed). Sample i of a call uses its own CPU generator seede
 ``seed + i``: the noise does not depend on the device, the batch size or the chunking, so a
 batch of N gives the same images as N calls of one (up to float rounding in batched matmuls).
 
-Takes already-encoded text (``TextEncoders.encode``), so callers choose where the encoders live
-and can encode the negative prompt once.
+The one path from prompts to images: ``encode_prompts`` (the prompts, and the negative prompt
+for classifier-free guidance once) -> ``sample_encoded`` -> images. ``sample_prompts`` does both a
+batch at a time, for prompt lists too long to hold all embeddings at once (eval's FID set);
+``mmdit-sample`` and the trainer's previews encode up front and free the text encoders before
+sampling.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +28,9 @@ from PIL import Image
 
 from mmdit.atomic_file import write_atomic
 from mmdit.flow import euler_sample
+
+if TYPE_CHECKING:
+    from mmdit.conditioning import TextEmbeddings, TextEncoders
 
 Tensor = torch.Tensor
 
@@ -166,6 +174,115 @@ def generate(
         # VAE.decode applies from_model (the latent shift/scale) itself, exactly once.
         images.append(vae.decode(latents).float().cpu())
     return torch.cat(images)
+
+
+@dataclass(frozen=True)
+class EncodedPrompts:
+    """Prompts as the sampler takes them: one embedding row per prompt, and the negative
+    prompt's single row, shared by every sample as CFG's unconditional branch."""
+
+    text: TextEmbeddings
+    negative: TextEmbeddings
+
+    def __len__(self) -> int:
+        return self.text.context.shape[0]
+
+
+def encode_prompts(
+    text_encoders: TextEncoders, prompts: Sequence[str], negative_prompt: str = ""
+) -> EncodedPrompts:
+    """Encode ``prompts`` and, once, ``negative_prompt`` (default the empty prompt)."""
+    return EncodedPrompts(
+        text_encoders.encode(list(prompts)), text_encoders.encode([negative_prompt])
+    )
+
+
+def sample_encoded(
+    model_fn: Callable[..., Tensor],
+    vae,
+    prompts: EncodedPrompts,
+    *,
+    height: int,
+    width: int,
+    seed: int,
+    steps: int = 28,
+    cfg_scale: float = 4.5,
+    shift: float = 3.0,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """One image per encoded prompt, prompt i from noise seed ``seed + i`` (see ``generate``,
+    which receives the embeddings in fp32). Returns (N, 3, height, width) float32 in [-1, 1]."""
+    return generate(
+        model_fn,
+        vae,
+        prompts.text.context.float(),
+        prompts.text.pooled.float(),
+        neg_context=prompts.negative.context.float(),
+        neg_pooled=prompts.negative.pooled.float(),
+        height=height,
+        width=width,
+        seed=seed,
+        steps=steps,
+        cfg_scale=cfg_scale,
+        shift=shift,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+    )
+
+
+def sample_prompts(
+    model_fn: Callable[..., Tensor],
+    vae,
+    text_encoders: TextEncoders,
+    prompts: Sequence[str],
+    *,
+    height: int,
+    width: int,
+    seed: int,
+    steps: int = 28,
+    cfg_scale: float = 4.5,
+    shift: float = 3.0,
+    negative_prompt: str = "",
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    on_batch: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Prompts -> (N, height, width, 3) uint8 images, prompt i from noise seed ``seed + i``.
+
+    Encodes ``batch_size`` prompts at a time (the negative prompt once), so a long list never
+    holds more than one batch of embeddings; ``on_batch(done)`` is called after each batch
+    with the number of images made so far (progress reports)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    negative = text_encoders.encode([negative_prompt])
+    pixels = []
+    for lo in range(0, len(prompts), batch_size):
+        hi = min(lo + batch_size, len(prompts))
+        batch = EncodedPrompts(text_encoders.encode(list(prompts[lo:hi])), negative)
+        images = sample_encoded(
+            model_fn,
+            vae,
+            batch,
+            height=height,
+            width=width,
+            seed=seed + lo,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            shift=shift,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+        )
+        pixels.append(to_uint8(images))
+        if on_batch is not None:
+            on_batch(hi)
+    if not pixels:
+        return np.zeros((0, height, width, 3), dtype=np.uint8)
+    return np.concatenate(pixels)
 
 
 def to_uint8(images: Tensor) -> np.ndarray:

@@ -20,7 +20,7 @@ starts from and turns it into rung d{depth}_{budget} with dotted overrides:
 
 Compute matching: steps = ceil(budget / (flops_per_sample x global_batch)), so every run of a
 budget spends that budget (at most one step more). FLOPs per sample are the trainer's
-(eval.scaling.train_flops_per_sample); the global batch is train.global_batch_size, or the
+(mmdit.flops.train_flops_per_sample); the global batch is train.global_batch_size, or the
 micro batch x launch.nodes x launch.gpus_per_node when that is 0. Every rung keeps all of its
 evenly spaced checkpoints (train.keep_checkpoints covers them plus one per possible requeue),
 so mmdit-eval can evaluate each one for the scaling curves.
@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eval.scaling import human_count, train_flops_per_sample
-from mmdit.flops import param_counts
+from eval.scaling import human_count
+from mmdit.flops import param_counts, train_flops_per_sample
 from mmdit.typed_config import ConfigError, from_dict, load, parse_yaml
 from training.config import RunConfig
 from training.ds_config import global_batch
@@ -227,7 +227,9 @@ def make_rung(ladder: Ladder, depth: int, budget: float) -> Rung:
     shape_overrides, shaped = _shape(ladder, depth)
     name = f"d{depth}_{budget_name(budget)}"
     world, batch = _world_and_batch(shaped, name)
-    per_sample = train_flops_per_sample(shaped)
+    per_sample = train_flops_per_sample(
+        shaped.model, shaped.data.resolution, shaped.conditioning.t5_max_length
+    )
     steps = max(1, math.ceil(budget / (per_sample * batch)))
     # Keep the base file's warmup where it fits, so rungs share it; a short rung gets at most
     # max_warmup_fraction of its steps, or its learning rate would never reach the peak.

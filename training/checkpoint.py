@@ -29,13 +29,12 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mmdit import distributed
-from mmdit.atomic_file import write_atomic
+from mmdit.atomic_file import stage_file, write_atomic
 from mmdit.checkpoints import (
     CONFIG_FILE,
     DS_TAG,
@@ -253,12 +252,8 @@ class CheckpointManager:
         previous state; a rename that fails after the first is undone."""
         write_manifest(tmp, step, self.world_size, files)
         latest = self.root / LATEST
-        fd, latest_tmp = tempfile.mkstemp(dir=self.root, prefix=f".{LATEST}.", suffix=".tmp")
+        latest_tmp = stage_file(latest, final.name + "\n")
         try:
-            with os.fdopen(fd, "w") as f:
-                f.write(final.name + "\n")
-                f.flush()
-                os.fsync(f.fileno())
             if final.exists():  # the same step saved again after a resume: replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -268,7 +263,7 @@ class CheckpointManager:
                 os.replace(final, tmp)  # unpublish; _agree then removes it
                 raise
         finally:
-            Path(latest_tmp).unlink(missing_ok=True)
+            latest_tmp.unlink(missing_ok=True)
 
     def _describe(self, directory: Path, select, crc: bool) -> dict[str, dict]:
         out = {}

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 # File names and the reader of the saved pieces are shared with eval and mmdit-export.
+from mmdit.atomic_file import atomic_path
 from mmdit.checkpoints import ema_shard_name, ema_state_dict
 
 
@@ -120,14 +121,13 @@ class ShardedEMA:
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / ema_shard_name(self.rank, self.world)
-        tmp = path.with_name(path.name + ".tmp")
         meta = {
             "shapes": json.dumps(self.shapes),
             "starts": json.dumps(self.starts),
             "decay": repr(self.decay),
         }
-        save_file({n: t.contiguous().cpu() for n, t in self.shadow.items()}, str(tmp), meta)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file({n: t.contiguous().cpu() for n, t in self.shadow.items()}, str(tmp), meta)
         return path
 
     def load(self, directory: str | Path) -> None:

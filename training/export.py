@@ -59,13 +59,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from mmdit.atomic_file import atomic_path
 from mmdit.checkpoints import (
     CONFIG_META_KEY,
     MANIFEST,
@@ -104,29 +104,6 @@ def cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, t
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
-
-
-def _tmp_name(out: Path) -> Path:
-    return out.with_name(f".{out.name}.tmp-{os.getpid()}")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Move tmp to out with os.replace; a directory replacing an existing out is moved over
-    the old one in two renames (the old one is deleted afterwards)."""
-    if out.exists() and (tmp.is_dir() or out.is_dir()):
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        _remove(old)
-    else:
-        os.replace(tmp, out)
 
 
 def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -191,9 +168,6 @@ def export(
     sd = cast(sd, DTYPES[dtype])
     weights = "ema" if ema else "raw"
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(out)
-    _remove(tmp)
     meta = {
         "format": "pt",
         CONFIG_META_KEY: dumps_json(config),
@@ -201,7 +175,8 @@ def export(
         "mmdit_weights": weights,
         "mmdit_source": str(step_dir.resolve()),
     }
-    try:
+    # Written under a temporary name and renamed over out only when complete.
+    with atomic_path(out) as tmp:
         if fmt == "diffusers":
             convert.save_diffusers(tmp, sd, config)
             files = [out / p.name for p in sorted(tmp.iterdir())]
@@ -229,10 +204,6 @@ def export(
             tmp.mkdir()
             _save_file(tensors, tmp / LORA_WEIGHTS, meta)
             files, num_tensors = [out / LORA_WEIGHTS], len(tensors)
-        _publish(tmp, out)
-    except BaseException:
-        _remove(tmp)
-        raise
     with torch.device("meta"):
         num_params = sum(p.numel() for p in MMDiT(config, initialize=False).parameters())
     return ExportResult(out, files, step, weights, dtype, num_tensors, num_params)

@@ -40,12 +40,13 @@ import math
 import numbers
 import os
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from mmdit.atomic_file import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -126,20 +127,6 @@ def _read_kept_lines(path: Path, resume_step: int) -> tuple[list[str], bool]:
     return kept, len(kept) != len(lines)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never a half-written one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def append_whole_line(f, line: str) -> None:
     """Append `line` to `f` (a file opened "ab" without buffering): all of it or, when a write
     fails (a full disk), none of it: a torn line would glue itself to the next one."""
@@ -210,9 +197,9 @@ class MetricsLogger:
         if self.metrics_path.exists():
             kept, dropped = _read_kept_lines(self.metrics_path, resume_step)
             if dropped:
-                _write_atomically(self.metrics_path, "".join(kept))
+                write_atomic(self.metrics_path, "".join(kept))
         if config_yaml:
-            _write_atomically(self.run_dir / RUN_CONFIG_FILE, config_yaml)
+            write_atomic(self.run_dir / RUN_CONFIG_FILE, config_yaml)
         self._jsonl = open(self.metrics_path, "ab", buffering=0)  # noqa: SIM115
 
         # Imported here: tensorboard is only needed where something is written.
@@ -248,7 +235,7 @@ class MetricsLogger:
             run_id = id_path.read_text(encoding="utf-8").strip()
         else:
             run_id = uuid.uuid4().hex[:12]
-            _write_atomically(id_path, run_id + "\n")
+            write_atomic(id_path, run_id + "\n")
         if mode == "offline":
             self._wandb_has = wandb_offline.last_step(self.run_dir / WANDB_DIR, run_id)
         run = wandb.init(

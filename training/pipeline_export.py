@@ -174,7 +174,7 @@ def _last_metrics(run_dir: Path, step: int, keys: tuple[str, ...]) -> dict[str, 
 def model_card(step_dir: Path, config: MMDiTConfig, weights: str, merged: bool) -> str:
     """README.md for an exported pipeline: what was trained, on what, for how long."""
     from mmdit.checkpoints import CONFIG_FILE, client_file_name, read_manifest, read_run_config
-    from mmdit.flops import approx_train_flops_per_sample, param_counts
+    from mmdit.flops import param_counts, sample_tokens, train_flops_per_sample
 
     run = read_run_config(step_dir)
     step = int(read_manifest(step_dir)["step"])
@@ -184,8 +184,8 @@ def model_card(step_dir: Path, config: MMDiTConfig, weights: str, merged: bool) 
     data = run.get("data") or {}
     cond = run.get("conditioning") or {}
     lora = run.get("lora") or {}
-    side = int(data.get("resolution", 256)) // 8 // config.patch_size
-    text_tokens = 77 + int(cond.get("t5_max_length", 77))
+    resolution, t5_max_length = int(data.get("resolution", 256)), int(cond.get("t5_max_length", 77))
+    image_tokens, text_tokens = sample_tokens(config, resolution, t5_max_length)
     params = param_counts(config)["total"]
     lines = [
         f"# {run_dir.name}",
@@ -216,11 +216,11 @@ def model_card(step_dir: Path, config: MMDiTConfig, weights: str, merged: bool) 
         lines.append(f"- initialised from: `{init_from}`")
     if global_batch:
         samples = step * int(global_batch)
-        flops = samples * approx_train_flops_per_sample(config, side * side, text_tokens)
+        flops = samples * train_flops_per_sample(config, resolution, t5_max_length)
         lines += [
             f"- steps: {step} x global batch {global_batch} = {samples:,} samples",
             f"- training compute: {flops:.3e} FLOPs (6 P N + 12 D h N^2 per sample at "
-            f"{data.get('resolution')} px, {side * side} image + {text_tokens} text tokens; "
+            f"{data.get('resolution')} px, {image_tokens} image + {text_tokens} text tokens; "
             "mmdit.flops)",
         ]
     else:

@@ -16,7 +16,7 @@ import torch
 
 from mmdit import flow
 from mmdit.conditioning import VAE, TextEncoders, load_text_encoders
-from mmdit.sampling import generate, image_grid, save_png
+from mmdit.sampling import encode_prompts, image_grid, sample_encoded, save_png
 from training.config import RunConfig
 from training.ema import ShardedEMA, gather_model
 
@@ -39,9 +39,7 @@ class Previewer:
             return
         cond = config.conditioning
         encoders = text_encoders or load_text_encoders(cond, device)
-        prompts = list(config.train.preview_prompts)
-        self.text = encoders.encode(prompts)
-        self.negative = encoders.encode([""])
+        self.prompts = encode_prompts(encoders, config.train.preview_prompts)
         del encoders
 
     def render(self, ema: ShardedEMA, step: int) -> Path | None:
@@ -53,13 +51,10 @@ class Previewer:
         size = self.config.data.resolution
         t = self.config.train
         shift = flow.matched_shift(ev.shift, t.shift, t.shift_base_resolution, size, size)
-        images = generate(
+        images = sample_encoded(
             model,
             self.vae,
-            self.text.context.float(),
-            self.text.pooled.float(),
-            neg_context=self.negative.context.float(),
-            neg_pooled=self.negative.pooled.float(),
+            self.prompts,
             height=size,
             width=size,
             seed=self.config.train.preview_seed,

@@ -43,6 +43,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmdit.atomic_file import write_atomic
 from training.metrics_log import METRICS_FILE, append_whole_line
 
 log = logging.getLogger(__name__)
@@ -245,10 +246,8 @@ class Watchdog:
             incarnation=self.incarnation,
         )
         path = self.beats / f"rank_{self.rank:05d}.json"
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_text(json.dumps(beat.__dict__))
-            tmp.replace(path)
+        try:  # not fsynced: a beat is rewritten every few seconds, one lost to a crash is moot
+            write_atomic(path, json.dumps(beat.__dict__), fsync=False)
         except OSError as e:  # a full or flaky disk must not kill the watchdog
             log.warning("rank %d: heartbeat not written: %s", self.rank, e)
 

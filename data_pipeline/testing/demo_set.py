@@ -33,9 +33,7 @@ import argparse
 import io
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -46,7 +44,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from mmdit.atomic_file import write_atomic
+from mmdit.atomic_file import atomic_directory, write_atomic
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # The main form (what the demo samples with) and the occasional alternatives. {word} is the
@@ -460,41 +458,6 @@ def build(out: Path, *, size: int, val_fraction: float, seed: int, progress: boo
     return summary
 
 
-@dataclass
-class _Swap:
-    """Build into a temporary sibling of `out`, then rename it into place (replacing `out`)."""
-
-    out: Path
-
-    def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        os.chmod(self.tmp, 0o755)  # mkdtemp makes it 0700
-        if self.out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
-            os.replace(self.out, trash / self.out.name)
-            try:
-                os.replace(self.tmp, self.out)
-            except BaseException:
-                os.replace(trash / self.out.name, self.out)  # put the old set back
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise
-            finally:
-                shutil.rmtree(trash, ignore_errors=True)
-        else:
-            try:
-                os.replace(self.tmp, self.out)
-            except BaseException:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise
-
-
 def make_demo_data(
     out: str | os.PathLike,
     *,
@@ -519,7 +482,7 @@ def make_demo_data(
         raise FileExistsError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    with _Swap(out) as tmp:
+    with atomic_directory(out) as tmp:  # replaces out wholesale once complete
         summary = build(tmp, size=size, val_fraction=val_fraction, seed=seed, progress=progress)
     return summary
 

@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from mmdit.atomic_file import atomic_directory
 from mmdit.testing.spec import (
     CLIP_G_PROJECTION_DIM,
     CLIP_G_TINY,
@@ -243,28 +242,10 @@ def make_tiny_components(
             f"{out} exists and is not empty; pass --force (force=True) to replace it"
         )
     progress(f"writing tiny SD3 components (seed {seed}) to {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:  # an existing (empty or --force) out is replaced
         _build(tmp, seed, progress)
         if fit_vae is not None:
             _fit_built_vae(tmp, fit_vae, seed, progress)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        if out.exists():  # empty, or --force: move the old one aside, swap, then delete it
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(trash / out.name, out)  # put the old one back
-                raise
-            finally:
-                shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -232,17 +232,3 @@ def test_missing_required_column_is_named(tmp_path, capsys):
     )
     err = _fails(["--table", str(path), "--out", str(tmp_path / "o")], capsys)
     assert "lacks column(s) train_flops" in err
-
-
-def test_tokens_match_the_trainers_count():
-    from mmdit.flops import approx_train_flops_per_sample
-    from mmdit.typed_config import load
-    from training.config import RunConfig
-
-    config = load(RunConfig, None, ["data.resolution=256", "conditioning.t5_max_length=77"])
-    assert scaling.sequence_tokens(config) == (16 * 16, 77 + 77)
-    no_t5 = load(RunConfig, None, ["conditioning.use_t5=false"])  # T5 zeros are still tokens
-    assert scaling.sequence_tokens(no_t5) == scaling.sequence_tokens(config)
-    assert scaling.train_flops_per_sample(config) == approx_train_flops_per_sample(
-        config.model, 256, 154
-    )

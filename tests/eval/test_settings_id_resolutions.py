@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from data_pipeline.config import DataConfig
-from eval.evaluate import settings_id
+from data_pipeline.eval_config import EvalConfig
+from eval.settings import EvalSettings, settings_id
 
-BASE = {"val_shards": "held_out", "val_samples": 64, "sigma_bins": 8, "noise_seed": 0}
+EVAL = EvalConfig(val_shards="held_out", val_samples=64, sigma_bins=8, noise_seed=0)
 
 
 def _id(data: DataConfig) -> str:
-    return settings_id({**BASE, "data": dataclasses.asdict(data)}, "val_loss")
+    return settings_id(EvalSettings(EVAL, data), "val_loss")
 
 
 def test_families_enter_the_id_and_one_resolution_ids_stay():

@@ -153,3 +153,13 @@ def test_block_param_counts_match_each_block_of_the_model():
         assert block_param_counts(cfg, i) == (image, text), i
         counted.append(image + text)
     assert largest_block_params(cfg) == max(counted) == counted[1]  # the dual-attention one
+
+
+def test_sample_tokens_match_the_trainers_count():
+    """256 px -> 32x32 latents -> 16x16 patches; CLIP's 77 tokens then the T5 tokens (zeros,
+    still attended to, when a run does not use T5)."""
+    cfg = MMDiTConfig.preset("d24")
+    assert flops.sample_tokens(cfg, 256, 77) == (16 * 16, 77 + 77)
+    assert flops.train_flops_per_sample(cfg, 256, 77) == (
+        flops.approx_train_flops_per_sample(cfg, 256, 154)
+    )

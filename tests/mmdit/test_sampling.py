@@ -1,11 +1,21 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from mmdit import MMDiT
-from mmdit.sampling import generate, image_grid, initial_noise, save_png
+from mmdit.sampling import (
+    encode_prompts,
+    generate,
+    image_grid,
+    initial_noise,
+    sample_encoded,
+    sample_prompts,
+    save_png,
+    to_uint8,
+)
 from tests.mmdit.tiny_mmdit import randomize, tiny
 
 H, W = 48, 32  # non-square, to catch swapped sides
@@ -19,13 +29,20 @@ def vae(tiny_components):
     return VAE.from_pretrained(tiny_components)
 
 
+PROMPTS = ["a photograph of a cat", "a red car on a mountain road"]
+
+
 @pytest.fixture(scope="module")
-def text(tiny_components):
-    """(context, pooled) for two prompts and (neg_context, neg_pooled) for the empty one."""
+def encoders(tiny_components):
     from mmdit.conditioning import TextEncoders
 
-    encoders = TextEncoders.from_pretrained(tiny_components, t5_max_length=8)
-    cond = encoders.encode(["a photograph of a cat", "a red car on a mountain road"])
+    return TextEncoders.from_pretrained(tiny_components, t5_max_length=8)
+
+
+@pytest.fixture(scope="module")
+def text(encoders):
+    """(context, pooled) for two prompts and (neg_context, neg_pooled) for the empty one."""
+    cond = encoders.encode(PROMPTS)
     neg = encoders.encode([""])
     return cond.context, cond.pooled, neg.context, neg.pooled
 
@@ -125,3 +142,49 @@ def test_mismatched_batch_sizes_are_rejected(model, vae, text):
         run(model, vae, text, neg_context=torch.cat([neg_context] * 3))
     with pytest.raises(ValueError, match="together"):
         run(model, vae, text, neg_pooled=None)
+
+
+def test_encoded_prompts_sample_exactly_as_generate_does(model, vae, text, encoders):
+    encoded = encode_prompts(encoders, PROMPTS)
+    assert len(encoded) == 2 and encoded.negative.context.shape[0] == 1
+    images = sample_encoded(model, vae, encoded, height=H, width=W, seed=7, steps=STEPS)
+    assert torch.equal(images, run(model, vae, text))
+
+
+def test_sample_prompts_encodes_a_batch_at_a_time_with_consecutive_seeds(model, vae, encoders):
+    """Bit-identical to encoding and generating each batch of prompts by hand (mmdit-eval's
+    former loop): prompt i from seed + i, the empty prompt's embedding shared."""
+    negative = encoders.encode([""])
+    expected = []
+    for i, prompt in enumerate(PROMPTS):
+        cond = encoders.encode([prompt])
+        images = generate(
+            model,
+            vae,
+            cond.context.float(),
+            cond.pooled.float(),
+            neg_context=negative.context.float(),
+            neg_pooled=negative.pooled.float(),
+            height=H,
+            width=W,
+            seed=7 + i,
+            steps=STEPS,
+            batch_size=1,
+        )
+        expected.append(to_uint8(images))
+    done = []
+    pixels = sample_prompts(
+        model,
+        vae,
+        encoders,
+        PROMPTS,
+        height=H,
+        width=W,
+        seed=7,
+        steps=STEPS,
+        batch_size=1,
+        on_batch=done.append,
+    )
+    assert pixels.shape == (2, H, W, 3) and pixels.dtype == np.uint8
+    assert np.array_equal(pixels, np.concatenate(expected))
+    assert done == [1, 2]
