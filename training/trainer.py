@@ -17,15 +17,17 @@ ranks, so all agree) leaves the weights, optimizer and EMA unchanged; the step s
 its batch is consumed (replaying it would most likely fail again) and the learning-rate
 schedule follows the step counter. After `train.max_consecutive_skips` skipped steps in a row
 the run stops with the offending batch keys written to RUN/nonfinite/.
+
+Size: this module is the one class that orders set-up, the step, the loop and checkpoints
+(~650 lines, kept whole so the loop reads top-down in one place); the parts with a purpose of
+their own live beside it: model_build (initial weights), log_window (per-window accounting),
+rng_state (seeds and saved RNG state), checkpoint_failure (the storage-fault report).
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import logging
-import random
 import signal
 import socket
 import time
@@ -34,7 +36,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from data_pipeline import build_loader
@@ -45,20 +46,23 @@ from mmdit import distributed, flow
 from mmdit.checkpoints import DS_TAG
 from mmdit.conditioning import conditioning_identity
 from mmdit.conditioning.vae import SPATIAL_FACTOR
-from mmdit.flops import approx_train_flops_per_sample, mfu, peak_bf16_flops
-from mmdit.model import JointBlock, MMDiT
+from mmdit.flops import mfu, peak_bf16_flops
 from mmdit.typed_config import dumps_yaml, to_dict
 from training import init_from, launch
 from training.checkpoint import Checkpoint, CheckpointManager, CheckpointWriteError
+from training.checkpoint_failure import report_checkpoint_failure
 from training.config import RunConfig
 from training.ds_config import accumulation_steps, deepspeed_config
 from training.ema import ShardedEMA
+from training.log_window import LogWindow
 from training.lora import add_lora, attach_frozen_base
 from training.metrics_log import PREVIEW_TAG, MetricsLogger
+from training.model_build import build_model
 from training.optim import build_optimizer, lr_at, repair_after_load
 from training.regional_compile import compile_blocks, compile_count
+from training.rng_state import micro_batch_seed, rng_state, set_rng_state
 from training.stragglers import BlockTimer, StragglerReport
-from training.watchdog import HangReport, Limits, Watchdog, append_fault_record, job_identity
+from training.watchdog import HangReport, Limits, Watchdog
 
 log = logging.getLogger("mmdit.train")
 
@@ -70,52 +74,10 @@ EXIT_PREEMPTED = 3  # checkpointed on request/signal before max_steps; resubmit 
 EXIT_STORAGE = 5
 CHECKPOINT_REQUEST_FILE = "CHECKPOINT_NOW"  # touch RUN/CHECKPOINT_NOW to get one
 MODEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# The sigmas the sampler drew, per log window: fine enough to show the logit-normal's shape.
-SIGMA_HISTOGRAM_BINS = 50
 
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-def micro_batch_seed(seed: int, step: int, index: int) -> int:
-    digest = hashlib.blake2b(f"{seed}:{step}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def rng_state() -> dict:
-    """Process-wide RNG states as plain data (nothing in the loop draws from them, but
-    user hooks and libraries may; they are restored so a resume is complete)."""
-    state = {
-        "python": base64.b64encode(json.dumps(random.getstate()).encode()).decode(),
-        "numpy": base64.b64encode(json.dumps(_np_state()).encode()).decode(),
-        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = [
-            base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()
-        ]
-    return state
-
-
-def _np_state() -> list:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return [name, keys.tolist(), pos, has_gauss, gauss]
-
-
-def set_rng_state(state: dict) -> None:
-    py = json.loads(base64.b64decode(state["python"]))
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    name, keys, pos, has_gauss, gauss = json.loads(base64.b64decode(state["numpy"]))
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch_state = np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()
-    torch.set_rng_state(torch.from_numpy(torch_state))
-    if "cuda" in state and torch.cuda.is_available():
-        cuda = [
-            torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
-            for s in state["cuda"]
-        ]
-        torch.cuda.set_rng_state_all(cuda)
 
 
 class StopFlag:
@@ -195,6 +157,9 @@ class Trainer:
             self.previewer = Previewer(
                 self.config, self.inputs.vae, self.device, self.rank, self.inputs.text
             )
+        self.window = LogWindow(
+            self.config.eval.sigma_bins, len(self.loader.stream.resolutions), self.device
+        )
         self._reset_log_window()
 
     # -- set-up -------------------------------------------------------------------------------
@@ -254,7 +219,14 @@ class Trainer:
         if universal:
             self.load_tag = self.checkpoints.ensure_universal(self.resume_from)
         self.ds_config = deepspeed_config(self.config, self.world, load_universal=universal)
-        model = self._build_model()
+        model = build_model(
+            self.config.model,
+            self.ds_config,
+            seed=self.train.seed,
+            zero3=self.train.zero_stage >= 3,
+            init_source=self.init_source,
+            rank=self.rank,
+        )
         t = self.train
         # After the base weights exist, before DeepSpeed sees the module tree (training.lora).
         model = add_lora(model, self.config.lora, t.seed)
@@ -291,40 +263,6 @@ class Trainer:
             f.straggler_windows,
             warn=self.rank == 0,
         )
-
-    def _build_model(self) -> MMDiT:
-        """The same initial weights on every rank and for every ZeRO stage and precision:
-        initialize_weights draws fp32 values from the global generator, seeded right before
-        it (building the modules consumes random numbers differently per dtype)."""
-        import deepspeed
-        from deepspeed.utils import set_z3_leaf_modules
-
-        cfg, seed = self.config.model, self.train.seed
-        if self.train.zero_stage < 3:
-            model = MMDiT(cfg, initialize=False)  # replicated: every rank builds the same
-            torch.manual_seed(seed)
-            if self.init_source is None:
-                model.initialize_weights()
-            else:
-                init_from.copy_into_module(model, self.init_source, self.rank, zero3=False)
-            return model
-        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, remote_device=None):
-            model = MMDiT(cfg, initialize=False)
-        # Parameters are sharded from birth: gather one part at a time, initialise it on
-        # rank 0 and let DeepSpeed scatter the result (modifier_rank=0 broadcasts it). The
-        # parts and their order are those of initialize_weights().
-        torch.manual_seed(seed)
-        if self.init_source is not None:
-            init_from.copy_into_module(model, self.init_source, self.rank, zero3=True)
-        for part in model.weight_init_parts() if self.init_source is None else ():
-            params = list(part.parameters())
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-                if self.rank == 0:
-                    model.initialize_weights([part])
-        model.initialize_weights([])  # the fixed position table (a buffer, not sharded)
-        # Gather each block's parameters in one go instead of one Linear at a time.
-        set_z3_leaf_modules(model, [JointBlock])
-        return model
 
     def _build_data(self) -> None:
         data = self.config.data
@@ -406,24 +344,13 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
 
     def _reset_log_window(self) -> None:
-        bins = self.config.eval.sigma_bins
-        self.loss_bins = torch.zeros(2, bins, dtype=torch.float64, device=self.device)
-        self.sigma_hist = torch.zeros(SIGMA_HISTOGRAM_BINS, device=self.device)
-        self.window_start = time.perf_counter()
-        self.window_steps = 0
-        self.window_flops = 0.0
-        self.window_tokens = 0
-        self.window_samples = 0
-        # Micro batches per bucket family (data.resolutions), this rank, this window.
-        self.window_by_resolution = [0] * len(self.loader.stream.resolutions)
-        self.window_data_wait = 0.0
-        self.window_skipped = 0
+        self.window.reset()
         self.block_timer.read_and_reset()
 
     def _next_batch(self, batches) -> dict:
         t0 = time.perf_counter()
         batch = next(batches)
-        self.window_data_wait += time.perf_counter() - t0
+        self.window.data_wait += time.perf_counter() - t0
         return batch
 
     def _model_fn(self, x, sigma, context, pooled):
@@ -437,8 +364,7 @@ class Trainer:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         self.lr = lr
-        bins = self.config.eval.sigma_bins
-        step_bins = torch.zeros(2, bins, dtype=torch.float64, device=self.device)
+        step_bins = self.window.new_step_bins()
         keys = []
         for micro in range(self.accumulation):
             batch = self._next_batch(batches)
@@ -450,22 +376,17 @@ class Trainer:
             loss, sigma = self.compute_loss(x0, context, pooled, noise_gen)
             self.engine.backward(loss.mean())
             self.engine.step()  # DeepSpeed updates only at the accumulation boundary
-            with torch.no_grad():
-                idx = (sigma * bins).long().clamp_(0, bins - 1)
-                step_bins[0].index_add_(0, idx, loss.detach().double())
-                step_bins[1].index_add_(0, idx, torch.ones_like(loss, dtype=torch.float64))
-                self.sigma_hist += torch.histc(sigma.float(), SIGMA_HISTOGRAM_BINS, 0, 1)
-            self._count_work(x0, context)
+            self.window.add_losses(step_bins, loss, sigma)
+            self.window.add_work(self.config.model, x0, context)
             self._count_resolution(batch["bucket"])
         applied = not getattr(self.engine.optimizer, "overflow", False)
+        self.window.end_step(step_bins, applied)
         if applied:
             self.ema.update()
-            self.loss_bins += step_bins
             self.consecutive_skips = 0
         else:
             self._record_skip(keys)
         self.step += 1
-        self.window_steps += 1
         return applied
 
     def compute_loss(self, x0, context, pooled, generator):
@@ -490,26 +411,15 @@ class Trainer:
             shift=flow.resolution_shift(t.shift, t.shift_base_resolution, h, w),
         )
 
-    def _count_work(self, x0: torch.Tensor, context: torch.Tensor) -> None:
-        p = self.config.model.patch_size
-        image_tokens = (x0.shape[-2] // p) * (x0.shape[-1] // p)
-        text_tokens = context.shape[1]
-        b = x0.shape[0]
-        self.window_samples += b
-        self.window_tokens += b * (image_tokens + text_tokens)
-        per_sample = approx_train_flops_per_sample(self.config.model, image_tokens, text_tokens)
-        self.window_flops += b * per_sample
-
     def _count_resolution(self, bucket) -> None:
         stream = self.loader.stream
         if len(stream.resolutions) > 1:
             family = stream.families.resolution_of(tuple(bucket))
-            self.window_by_resolution[stream.resolutions.index(family)] += 1
+            self.window.by_resolution[stream.resolutions.index(family)] += 1
 
     def _record_skip(self, keys: list[list[str]]) -> None:
         self.skipped_total += 1
         self.consecutive_skips += 1
-        self.window_skipped += 1
         self.skipped_keys.append({"step": self.step, "keys": keys})
         self.skipped_keys = self.skipped_keys[-self.train.max_consecutive_skips :]
         log.warning(
@@ -531,50 +441,33 @@ class Trainer:
             )
 
     def _log(self, extra: dict | None = None) -> None:
-        bins = distributed.all_reduce_sum(self.loss_bins).cpu()
         bad = self.loader.bad_counts()
         names = ["good", *REASONS]
         bad_total = distributed.all_reduce_sum(torch.tensor([bad[n] for n in names])).tolist()
-        wall = time.perf_counter() - self.window_start
-        per_rank = distributed.all_gather_rows(
-            [
-                self.block_timer.read_and_reset(),
-                self.window_data_wait,
-                self.window_samples,
-                self.window_tokens,
-                *self.window_by_resolution,
-            ]
-        )
+        window = self.window.summarise(self.block_timer.read_and_reset())
+        per_rank, wall, samples = window["per_rank"], window["wall"], window["samples"]
         stragglers = self.stragglers.window(
             [r[0] for r in per_rank], [r[1] for r in per_rank], wall
         )
-        sums, counts = bins[0], bins[1]
-        n = counts.sum().item()
-        # Summed over ranks: with several resolutions the micro batches differ in size.
-        samples = sum(r[2] for r in per_rank)
-        tokens = sum(r[3] for r in per_rank)
-        flops_per_device = self.window_flops / max(wall, 1e-9)  # this rank = one device
         metrics = {
-            "loss": (sums.sum() / n).item() if n else float("nan"),
-            "loss_by_sigma": {
-                f"bin{i}": (sums[i] / counts[i]).item() for i in range(len(sums)) if counts[i]
-            },
+            "loss": window["loss"],
+            "loss_by_sigma": window["loss_by_sigma"],
             "lr": self.lr,
             "grad_norm": _as_float(self.engine.get_global_grad_norm()),
-            "samples_per_s": samples / max(wall, 1e-9),
+            "samples_per_s": window["samples_per_s"],
             # x axes for the report: what the eval table calls samples_seen and train_flops
             # (samples of the smallest resolution; FLOPs at this window's mean per sample).
             "samples_seen": self.step * self.global_batch,
             "train_flops": self.step
             * self.global_batch
-            * self.window_flops
+            * self.window.flops
             * self.world
             / max(samples, 1),
-            "tokens_per_s": tokens / max(wall, 1e-9),
-            "tflops_per_s": flops_per_device / 1e12,
-            "data_wait_frac": self.window_data_wait / max(wall, 1e-9),
+            "tokens_per_s": window["tokens_per_s"],
+            "tflops_per_s": window["flops_per_device"] / 1e12,
+            "data_wait_frac": window["data_wait_frac"],
             "skipped_steps": self.skipped_total,
-            "skipped_in_window": self.window_skipped,
+            "skipped_in_window": self.window.skipped,
             "bad_samples": dict(zip(names, (int(v) for v in bad_total), strict=True)),
             "stragglers": stragglers,
         }
@@ -582,18 +475,17 @@ class Trainer:
             peak_bf16_flops(torch.cuda.get_device_name()) if self.device.type == "cuda" else None
         )
         if peak:
-            metrics["mfu"] = mfu(flops_per_device, peak)
+            metrics["mfu"] = mfu(window["flops_per_device"], peak)
         resolutions = self.loader.stream.resolutions
         if len(resolutions) > 1:  # the mix of bucket families in this window, all ranks
             metrics["samples"] = int(samples)
-            metrics["micro_batches_by_resolution"] = {
-                str(r): int(sum(row[4 + i] for row in per_rank)) for i, r in enumerate(resolutions)
-            }
+            metrics["micro_batches_by_resolution"] = dict(
+                zip(map(str, resolutions), window["micro_batches_by_resolution"], strict=True)
+            )
         if self.train.compile:
             metrics["compiled_graphs"] = compile_count()  # recompiles show up as growth
         self.metrics.log(self.step, {**metrics, **(extra or {})})
-        drawn = distributed.all_reduce_sum(self.sigma_hist).tolist()
-        self.metrics.histogram(self.step, "sigma_drawn", drawn, 0.0, 1.0)
+        self.metrics.histogram(self.step, "sigma_drawn", window["sigma_drawn"], 0.0, 1.0)
         self._reset_log_window()
 
     def _client_state(self) -> dict:
@@ -626,68 +518,24 @@ class Trainer:
             signalled = distributed.any_true(
                 self.stop_flag is not None and self.stop_flag.received is not None
             )
-            self._report_checkpoint_failure(error, time.perf_counter() - t0, signalled)
+            if self.rank == 0:
+                previous = self.checkpoints.published()
+                report_checkpoint_failure(
+                    error,
+                    run_dir=self.run_dir,
+                    step=self.step,
+                    max_steps=self.train.max_steps,
+                    checkpoint_every=self.train.checkpoint_every,
+                    on_error=self.config.faults.on_checkpoint_error,
+                    previous=previous[0].path.name if previous else None,
+                    seconds=time.perf_counter() - t0,
+                    signalled=signalled,
+                    exit_status=EXIT_STORAGE,
+                )
             return False
         if self.rank == 0:
             log.info("checkpoint %s written in %.1fs", path, time.perf_counter() - t0)
         return True
-
-    def _report_checkpoint_failure(
-        self, error: CheckpointWriteError, seconds: float, signalled: bool
-    ) -> None:
-        """Rank 0: one line (step, path, every failed rank's error, what happens next) and a
-        record in RUN/faults.jsonl and metrics.jsonl (written only if the disk lets it)."""
-        if self.rank != 0:
-            return
-        stop = self.config.faults.on_checkpoint_error == "stop"
-        final = self.step >= self.train.max_steps
-        previous = self.checkpoints.published()
-        kept = (
-            f"{previous[0].path.name} and `latest` are unchanged"
-            if previous
-            else "there is no earlier checkpoint (a rerun starts over)"
-        )
-        if stop or final or signalled:
-            why = (
-                "faults.on_checkpoint_error=stop"
-                if stop
-                else ("it was the final checkpoint" if final else "a signal asked for it")
-            )
-            action = "stop"
-            then = (
-                f"stopping with status {EXIT_STORAGE} ({why}): free space or fix the file "
-                "system, then rerun the same command to resume from the last checkpoint"
-            )
-        else:
-            every = self.train.checkpoint_every
-            retry_at = min((self.step // every + 1) * every, self.train.max_steps)
-            action = "continue"
-            then = (
-                f"training continues (faults.on_checkpoint_error=continue); the next try is at "
-                f"step {retry_at}"
-            )
-        log.error(
-            "checkpoint of step %d not written to %s after %.1f s: %s. Nothing was published: "
-            "%s; %s",
-            self.step,
-            error.path,
-            seconds,
-            error.errors(),
-            kept,
-            then,
-        )
-        record = {
-            "step": self.step,
-            "time": time.time(),
-            "event": "checkpoint_failed",
-            "section": "checkpoint",
-            "path": str(error.path),
-            "errors": {str(rank): message for rank, message in error.failures.items()},
-            "kept": previous[0].path.name if previous else None,
-            "action": action,
-            "job": job_identity(),
-        }
-        append_fault_record(self.run_dir, record)
 
     def levers(self) -> str:
         """The settings that decide speed and memory, as one log line."""
@@ -742,8 +590,8 @@ class Trainer:
             )
             log.info("levers: %s", self.levers())
         batches = iter(self.loader)
-        last_saved = self.step if self.resume_from is not None else -1
-        last_tried = last_saved
+        self.last_saved = self.step if self.resume_from is not None else -1
+        self.last_tried = self.last_saved
         if self.validator is not None and self.step == 0:
             self.watchdog.enter("eval")
             self.metrics.log(0, self.validator.run(self.ema) or {})  # the untrained baseline
@@ -752,36 +600,43 @@ class Trainer:
             self.watchdog.enter("step", self.step + 1)  # numbered as the metrics number it
             self.train_step(batches)
             val = self._validate()
-            if val is not None or self.step % t.log_every == 0 or self.step == t.max_steps:
+            log_step = self.step % t.log_every == 0 or self.step == t.max_steps
+            if val is not None or log_step:
                 self._log(val)
             self._preview()
-            # Signals and CHECKPOINT_NOW are agreed on at log steps only: the agreement is a
-            # collective whose result the host must read.
-            log_step = self.step % t.log_every == 0 or self.step == t.max_steps
-            requested = log_step and self._checkpoint_requested()
-            if requested or self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
-                saved = self.save_checkpoint()  # the same answer on every rank
-                last_tried = self.step
-                if saved:
-                    last_saved = self.step
-                if self.rank == 0:  # answered, even when the save failed (it was reported)
-                    (self.run_dir / CHECKPOINT_REQUEST_FILE).unlink(missing_ok=True)
-                if not saved and self.config.faults.on_checkpoint_error == "stop":
-                    self.metrics.close()
-                    return EXIT_STORAGE
-                if self.stop_flag is not None and distributed.any_true(
-                    self.stop_flag.received is not None
-                ):
-                    log.warning("rank %d: stopping at step %d on a signal", self.rank, self.step)
-                    self.metrics.close()
-                    # Status 3 promises a checkpoint to resume from; without one, requeueing
-                    # would only meet the same storage fault.
-                    return EXIT_PREEMPTED if saved else EXIT_STORAGE
-        if last_tried != self.step and self.save_checkpoint():
-            last_saved = self.step
+            stop_status = self._checkpoint_when_due(log_step)
+            if stop_status is not None:
+                self.metrics.close()
+                return stop_status
+        if self.last_tried != self.step and self.save_checkpoint():
+            self.last_saved = self.step
         self.metrics.close()
         # A run whose last steps are in no checkpoint has not finished: its rerun redoes them.
-        return EXIT_DONE if last_saved == self.step else EXIT_STORAGE
+        return EXIT_DONE if self.last_saved == self.step else EXIT_STORAGE
+
+    def _checkpoint_when_due(self, log_step: bool) -> int | None:
+        """Checkpoint at train.checkpoint_every, at the last step, and when asked (a signal or
+        RUN/CHECKPOINT_NOW); the exit status when the run must stop here, else None."""
+        t = self.train
+        # Signals and CHECKPOINT_NOW are agreed on at log steps only: the agreement is a
+        # collective whose result the host must read.
+        requested = log_step and self._checkpoint_requested()
+        if not (requested or self.step % t.checkpoint_every == 0 or self.step == t.max_steps):
+            return None
+        saved = self.save_checkpoint()  # the same answer on every rank
+        self.last_tried = self.step
+        if saved:
+            self.last_saved = self.step
+        if self.rank == 0:  # answered, even when the save failed (it was reported)
+            (self.run_dir / CHECKPOINT_REQUEST_FILE).unlink(missing_ok=True)
+        if not saved and self.config.faults.on_checkpoint_error == "stop":
+            return EXIT_STORAGE
+        if self.stop_flag is not None and distributed.any_true(self.stop_flag.received is not None):
+            log.warning("rank %d: stopping at step %d on a signal", self.rank, self.step)
+            # Status 3 promises a checkpoint to resume from; without one, requeueing would
+            # only meet the same storage fault.
+            return EXIT_PREEMPTED if saved else EXIT_STORAGE
+        return None
 
     def _validate(self) -> dict | None:
         """The EMA's validation loss when due ({} on ranks other than 0), else None."""
@@ -801,7 +656,7 @@ class Trainer:
         self.watchdog.enter("eval")
         t0 = time.perf_counter()
         result = work()
-        self.window_start += time.perf_counter() - t0
+        self.window.start += time.perf_counter() - t0
         self.watchdog.enter("step")
         return result
 
