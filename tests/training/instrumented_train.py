@@ -125,14 +125,16 @@ if loss_inputs:
     Trainer.compute_loss = compute_loss_recorded
 
 if kill_at:
-    original_manifest = checkpoint.CheckpointManager._write_manifest
+    # training.checkpoint calls the manifest writer it imported from mmdit.checkpoints: patch
+    # that name (a patch of an attribute that no longer exists would only break the import).
+    original_manifest = checkpoint.write_manifest
 
-    def write_manifest(self, directory, step, files):
+    def write_manifest(directory, step, world_size, files):
         if step == int(kill_at):
             kill_job()
-        original_manifest(self, directory, step, files)
+        original_manifest(directory, step, world_size, files)
 
-    checkpoint.CheckpointManager._write_manifest = write_manifest
+    checkpoint.write_manifest = write_manifest
 
 if kill_after:
     before_kill = Trainer.train_step
