@@ -7,6 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` (tests/conftest.py groups what must share a worker).
+TEST_WORKERS ?= 2
 
 PIP := $(PY) -m pip
 
@@ -35,7 +37,7 @@ browser-deps:
 	bash scripts/install_browser.sh
 
 test: $(STAMP) slurm-deps browser-deps
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The main job at toy size (scripts/demo.py): data from installed packages -> shards -> tiny
 # components with a fitted VAE -> precompute -> DeepSpeed ZeRO-3 pretraining on 2 CPU ranks ->

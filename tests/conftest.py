@@ -1,6 +1,13 @@
-"""Shared test set-up: marker policy and small fixtures."""
+"""Shared test set-up: marker policy, the grouping that lets `make test` run the suite on
+several pytest-xdist workers, and the session fixtures every worker shares."""
 
 from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +20,29 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _worker_group(item: pytest.Item) -> str:
+    """The xdist group an item runs in: one worker runs a whole group, in order. A module is a
+    group, so its module-scoped fixtures (one trained run serving many assertions) are built
+    once; every `slurm` test is one group, as they share the session's one Slurm cluster."""
+    return "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
+
+
+def _heavy_first(groups: list[str], items: list[pytest.Item]) -> dict[str, int]:
+    """Longest work first, so no long group starts last and runs alone at the end: the Slurm
+    group, then modules with `slow` tests, then the rest (collection order within a rank)."""
+    slow = {_worker_group(i) for i in items if i.get_closest_marker("slow")}
+    return {g: 0 if g == "slurm" else 1 if g in slow else 2 for g in groups}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups from the markers
 def pytest_collection_modifyitems(config, items):
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker (`make test`)
+        groups = [_worker_group(item) for item in items]
+        rank = _heavy_first(groups, items)
+        for item, group in zip(items, groups, strict=True):
+            item.add_marker(pytest.mark.xdist_group(group))
+        order = sorted(range(len(items)), key=lambda i: rank[groups[i]])  # stable
+        items[:] = [items[i] for i in order]
     # Only `gpu` tests are ever skipped, and only when there is no CUDA device; slow,
     # distributed and slurm tests always run (CI included).
     if _cuda_available():
@@ -24,12 +53,34 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """A directory that `build(directory)` fills once per test run. Under pytest-xdist the
+    workers share it: the first to get the lock builds it, the others wait and reuse it (the
+    users of a session fixture only read it). A failed build leaves nothing marked built."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        directory = tmp_path_factory.mktemp(name)
+        build(directory)
+        return directory
+    directory = tmp_path_factory.getbasetemp().parent / f"shared-{name}"  # all workers' parent
+    with open(f"{directory}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (directory / ".built").exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            build(directory)
+            (directory / ".built").touch()
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_components(tmp_path_factory):
     """A seeded tiny SD3 component directory (diffusers layout), built once per session."""
     from mmdit.testing.components import make_tiny_components
 
-    return make_tiny_components(tmp_path_factory.mktemp("components") / "sd3-tiny", seed=0)
+    def build(directory: Path) -> None:
+        make_tiny_components(directory / "sd3-tiny", seed=0)
+
+    return built_once(tmp_path_factory, "components", build) / "sd3-tiny"
 
 
 @pytest.fixture(scope="session")
@@ -40,15 +91,16 @@ def digit_shards(tmp_path_factory):
     from tests.data_pipeline.conftest import make_tar
     from tests.training.conftest import digit_members
 
-    digits = load_digits()
-    root = tmp_path_factory.mktemp("digit_shards")
-    per_shard = 16
-    for s in range(8):
-        members = []
-        for i in range(s * per_shard, (s + 1) * per_shard):
-            members += digit_members(i, digits.images[i], int(digits.target[i]))
-        (root / f"{s:06d}.tar").write_bytes(make_tar(members))
-    return root
+    def build(root: Path) -> None:
+        digits = load_digits()
+        per_shard = 16
+        for s in range(8):
+            members = []
+            for i in range(s * per_shard, (s + 1) * per_shard):
+                members += digit_members(i, digits.images[i], int(digits.target[i]))
+            (root / f"{s:06d}.tar").write_bytes(make_tar(members))
+
+    return built_once(tmp_path_factory, "digit_shards", build)
 
 
 @pytest.fixture(scope="session")
@@ -57,12 +109,13 @@ def digit_cache(tmp_path_factory, digit_shards, tiny_components):
     8 cache shards at 32 px: what SD3-style runs train from."""
     from data_pipeline.precompute import main as precompute_main
 
-    out = tmp_path_factory.mktemp("digit_cache")
-    argv = [
-        "--config", "configs/debug_cpu.yaml", "--out", str(out), "--device", "cpu",
-        f"data.shards={digit_shards}/{{000000..000007}}.tar",
-        f"conditioning.components={tiny_components}", "data.resolution=32",
-        "--rank", "0", "--world-size", "1",
-    ]  # fmt: skip
-    assert precompute_main(argv) == 0
-    return out
+    def build(out: Path) -> None:
+        argv = [
+            "--config", "configs/debug_cpu.yaml", "--out", str(out), "--device", "cpu",
+            f"data.shards={digit_shards}/{{000000..000007}}.tar",
+            f"conditioning.components={tiny_components}", "data.resolution=32",
+            "--rank", "0", "--world-size", "1",
+        ]  # fmt: skip
+        assert precompute_main(argv) == 0
+
+    return built_once(tmp_path_factory, "digit_cache", build)

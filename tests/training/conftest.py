@@ -17,6 +17,7 @@ import pytest
 
 from data_pipeline.testing.demo_set import DIGIT_WORDS, render_digit
 from mmdit.distributed import free_ports
+from tests.conftest import built_once
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,6 +53,26 @@ def train_overrides(run_dir: Path, shards: Path, components: Path, **extra) -> l
     }
     base.update({k: str(v) for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def job_args(run_dir: Path, shards: Path, components: Path, **settings) -> list[str]:
+    """`mmdit-train`'s arguments for a tiny job: configs/debug_cpu.yaml, the sizes of
+    train_overrides, then `settings` (dotted names)."""
+    return [
+        "--config",
+        "configs/debug_cpu.yaml",
+        *train_overrides(run_dir, shards, components, **settings),
+    ]
+
+
+# What the tests comparing loss curves train with, besides their step counts.
+CURVE_SETTINGS = {"train.global_batch_size": 4, "train.precision": "bf16", "train.lr": 1e-3}
+
+
+def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """`result`, asserting that the job finished (its stderr's end is the failure message)."""
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
 
 
 INSTRUMENTED = Path(__file__).with_name("instrumented_train.py")
@@ -117,12 +138,7 @@ REFERENCE_SETTINGS = {
 
 
 def reference_args(run_dir: Path, shards: Path, components: Path, **extra) -> list[str]:
-    settings = {**REFERENCE_SETTINGS, **extra}
-    return [
-        "--config",
-        "configs/debug_cpu.yaml",
-        *train_overrides(run_dir, shards, components, **settings),
-    ]
+    return job_args(run_dir, shards, components, **{**REFERENCE_SETTINGS, **extra})
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -145,12 +161,14 @@ REFERENCE_STDERR = "stderr.txt"  # beside the run directory
 def reference_run(tmp_path_factory, digit_shards, tiny_components) -> Path:
     """The run directory of the reference job, run without a fault once per session; its
     stderr is in RUN/../stderr.txt."""
-    run_dir = tmp_path_factory.mktemp("faults_reference") / "run"
-    args = reference_args(run_dir, digit_shards, tiny_components)
-    result = run_training(2, args, instruments=REFERENCE_SLOW, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir.parent / REFERENCE_STDERR).write_text(result.stderr)
-    return run_dir
+
+    def build(directory: Path) -> None:
+        args = reference_args(directory / "run", digit_shards, tiny_components)
+        result = run_training(2, args, instruments=REFERENCE_SLOW, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (directory / REFERENCE_STDERR).write_text(result.stderr)
+
+    return built_once(tmp_path_factory, "faults_reference", build) / "run"
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from mmdit import flow
 from mmdit.checkpoints import ema_state_dict, zero_state_dict
 from mmdit.model import MMDiT, MMDiTConfig
 from mmdit.weights import load_weights
-from tests.training.conftest import read_metrics, run_training, train_overrides
+from tests.training.conftest import CURVE_SETTINGS, job_args, read_metrics, run_training, succeeded
 from training import init_from
 from training.export import export
 
@@ -30,24 +30,8 @@ SOURCE_STEPS = 4
 
 
 def _args(run_dir: Path, digit_shards, tiny_components, **extra) -> list[str]:
-    settings = {
-        "train.max_steps": SOURCE_STEPS,
-        "train.checkpoint_every": 2,
-        "train.global_batch_size": 4,
-        "train.precision": "bf16",
-        "train.lr": 1e-3,
-        **extra,
-    }
-    return [
-        "--config",
-        "configs/debug_cpu.yaml",
-        *train_overrides(run_dir, digit_shards, tiny_components, **settings),
-    ]
-
-
-def _ok(result):
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+    settings = {**CURVE_SETTINGS, "train.max_steps": SOURCE_STEPS, "train.checkpoint_every": 2}
+    return job_args(run_dir, digit_shards, tiny_components, **{**settings, **extra})
 
 
 def _step_dir(run: Path, step: int) -> Path:
@@ -64,7 +48,7 @@ def _assert_equal_weights(got: dict, want: dict) -> None:
 @pytest.fixture(scope="module")
 def source(tmp_path_factory, digit_shards, tiny_components) -> Path:
     run_dir = tmp_path_factory.mktemp("init_source") / "run"
-    _ok(run_training(2, _args(run_dir, digit_shards, tiny_components), timeout=900))
+    succeeded(run_training(2, _args(run_dir, digit_shards, tiny_components), timeout=900))
     return run_dir
 
 
@@ -79,7 +63,7 @@ def from_ema(tmp_path_factory, source, digit_shards, tiny_components) -> tuple[P
         tiny_components,
         **{"train.max_steps": 1, "train.checkpoint_every": 1, "train.init_from": source},
     )
-    _ok(run_training(2, args, instruments={"MMDIT_TEST_DUMP_DIR": str(dumps)}, timeout=900))
+    succeeded(run_training(2, args, instruments={"MMDIT_TEST_DUMP_DIR": str(dumps)}, timeout=900))
     return run_dir, dumps
 
 
@@ -117,7 +101,7 @@ def test_resume_uses_the_runs_own_checkpoint_and_ignores_init_from(
         tiny_components,
         **{"train.max_steps": 2, "train.checkpoint_every": 1, "train.init_from": "/gone/run"},
     )
-    resumed = _ok(run_training(2, args, timeout=900))
+    resumed = succeeded(run_training(2, args, timeout=900))
     assert "train.init_from=/gone/run ignored: the run resumes from its own checkpoint" in (
         resumed.stderr
     )
@@ -137,7 +121,7 @@ def test_raw_weights_of_a_step_into_a_larger_sample_size_rebuild_the_position_ta
         "data.resolution": 64,
     }
     args = _args(run_dir, digit_shards, tiny_components, **overrides)
-    _ok(run_training(2, args, instruments={"MMDIT_TEST_DUMP_DIR": str(dumps)}, timeout=900))
+    succeeded(run_training(2, args, instruments={"MMDIT_TEST_DUMP_DIR": str(dumps)}, timeout=900))
     src = zero_state_dict(_step_dir(source, 2))
     _assert_equal_weights(load_file(str(dumps / "weights_0.safetensors")), src)
     assert read_metrics(run_dir)[0]["weights"] == "raw"
@@ -198,7 +182,8 @@ def test_a_diffusers_folder_gives_the_first_step_loss_of_diffusers_model(
         "train.init_from": tmp_path / "diffusers",
     }
     args = _args(run_dir, digit_shards, tiny_components, **overrides)
-    _ok(run_training(2, args, instruments={"MMDIT_TEST_DUMP_LOSS_INPUTS": str(dumps)}, timeout=900))
+    dump = {"MMDIT_TEST_DUMP_LOSS_INPUTS": str(dumps)}
+    succeeded(run_training(2, args, instruments=dump, timeout=900))
     assert read_metrics(run_dir)[0]["kind"] == "diffusers"
 
     def diffusers_fn(x, sigma, context, pooled):
@@ -248,7 +233,8 @@ def test_zero_2_starts_from_the_same_weights(tmp_path, source, digit_shards, tin
     from the step-0 checkpoint: the master weights (DeepSpeed's shards) and the EMA."""
     run_dir = tmp_path / "run"
     overrides = {"train.max_steps": 0, "train.zero_stage": 2, "train.init_from": source}
-    _ok(run_training(2, _args(run_dir, digit_shards, tiny_components, **overrides), timeout=900))
+    args = _args(run_dir, digit_shards, tiny_components, **overrides)
+    succeeded(run_training(2, args, timeout=900))
     src = ema_state_dict(_step_dir(source, SOURCE_STEPS))
     master = zero_state_dict(_step_dir(run_dir, 0))
     _assert_equal_weights({k: v for k, v in master.items() if k != "pos_embed"}, src)

@@ -19,7 +19,13 @@ import pytest
 import torch
 
 from mmdit.weights import load_weights
-from tests.training.conftest import read_metrics, run_training, train_overrides
+from tests.training.conftest import (
+    CURVE_SETTINGS,
+    job_args,
+    read_metrics,
+    run_training,
+    succeeded,
+)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -40,25 +46,13 @@ HOST_SIDE = {
 
 
 def _args(run_dir: Path, shards, components, **extra) -> list[str]:
-    settings = {
-        "train.max_steps": STEPS,
-        "train.checkpoint_every": 2,
-        "train.global_batch_size": 4,
-        "train.precision": "bf16",
-        "train.lr": 1e-3,
-        **extra,
-    }
-    return [
-        "--config",
-        "configs/debug_cpu.yaml",
-        *train_overrides(run_dir, shards, components, **settings),
-    ]
+    settings = {**CURVE_SETTINGS, "train.max_steps": STEPS, "train.checkpoint_every": 2}
+    return job_args(run_dir, shards, components, **{**settings, **extra})
 
 
 def _train(run_dir: Path, shards, components, instruments=None, **extra):
-    result = run_training(2, _args(run_dir, shards, components, **extra), instruments=instruments)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+    args = _args(run_dir, shards, components, **extra)
+    return succeeded(run_training(2, args, instruments=instruments))
 
 
 def _losses(run_dir: Path) -> dict[int, float]:

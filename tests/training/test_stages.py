@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from mmdit.checkpoints import ema_state_dict, zero_state_dict
 from mmdit.typed_config import ConfigError
-from tests.training.conftest import losses, read_metrics, run_training
+from tests.training.conftest import losses, read_metrics, run_training, succeeded
 from training.stages import load_stages
 
 RECIPE = "configs/sd3_recipe_cpu.yaml"
@@ -36,11 +36,6 @@ def _args(root: Path, digit_shards, tiny_components) -> list[str]:
         "train.log_every": 1,
     }
     return ["--config", RECIPE, *(f"{k}={v}" for k, v in settings.items())]
-
-
-def _ok(result):
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
 
 
 def _final(run: Path) -> Path:
@@ -82,7 +77,7 @@ def chain(tmp_path_factory, digit_shards, tiny_components) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("chain")
     root, dumps = base / "run", base / "dumps"
     args = _args(root, digit_shards, tiny_components)
-    _ok(run_training(2, args, instruments={"MMDIT_TEST_DUMP_DIR": str(dumps)}, timeout=900))
+    succeeded(run_training(2, args, instruments={"MMDIT_TEST_DUMP_DIR": str(dumps)}, timeout=900))
     return root, dumps
 
 
@@ -118,13 +113,13 @@ def test_kill_9_in_stage_2_then_the_same_command_skips_stage_1_and_resumes_stage
     assert killed.returncode != 0
     assert _final(root / FIRST).is_dir() and max(losses(root / SECOND)) == 2
 
-    rerun = _ok(run_training(2, args, timeout=900))
+    rerun = succeeded(run_training(2, args, timeout=900))
     assert f"stage 1/2 {FIRST}" in rerun.stderr and "skipped" in rerun.stderr
     assert "resuming from" in rerun.stderr and "step_00000002" in rerun.stderr
     assert "initialising from" not in rerun.stderr  # stage 1 did not run, stage 2 resumed
     for stage in (FIRST, SECOND):
         assert losses(root / stage) == losses(reference / stage), stage
 
-    again = _ok(run_training(2, args, timeout=900))  # a finished chain: nothing to do
+    again = succeeded(run_training(2, args, timeout=900))  # a finished chain: nothing to do
     assert again.stderr.count("skipped") == 2 * 2  # both stages, logged by both ranks
     assert "resuming from" not in again.stderr and "process group" not in again.stderr

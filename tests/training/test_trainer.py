@@ -19,7 +19,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mmdit.checkpoints import ema_state_dict
-from tests.training.conftest import read_metrics, run_training, train_overrides
+from tests.training.conftest import (
+    CURVE_SETTINGS,
+    job_args,
+    read_metrics,
+    run_training,
+    succeeded,
+)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -27,25 +33,10 @@ STEPS = 8
 
 
 def _args(run_dir: Path, digit_shards, tiny_components, **extra) -> list[str]:
-    settings = dict(
-        train__max_steps=STEPS,
-        train__checkpoint_every=3,
-        train__global_batch_size=4,
-        train__precision="bf16",
-        train__lr=1e-3,
-    )
-    settings.update(extra)
-    dotted = {k.replace("__", "."): v for k, v in settings.items()}
-    return [
-        "--config",
-        "configs/debug_cpu.yaml",
-        *train_overrides(run_dir, digit_shards, tiny_components, **dotted),
-    ]
-
-
-def _ok(result):
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+    """`extra`: train__max_steps=6 for train.max_steps=6."""
+    settings = {**CURVE_SETTINGS, "train.max_steps": STEPS, "train.checkpoint_every": 3}
+    settings.update({k.replace("__", "."): v for k, v in extra.items()})
+    return job_args(run_dir, digit_shards, tiny_components, **settings)
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -58,7 +49,7 @@ def reference(tmp_path_factory, digit_shards, tiny_components) -> Path:
     # Previews on: the runs compared against this one have none, so equal curves also show
     # that a preview does not disturb training.
     args = _args(run_dir, digit_shards, tiny_components, train__preview_every=4)
-    _ok(run_training(2, args))
+    succeeded(run_training(2, args))
     return run_dir
 
 
@@ -89,7 +80,8 @@ def test_reference_run_trains_and_publishes_checkpoints(reference):
 
 def test_the_bf16_curve_tracks_fp32(tmp_path, reference, digit_shards, tiny_components):
     run_dir = tmp_path / "fp32"
-    _ok(run_training(2, _args(run_dir, digit_shards, tiny_components, train__precision="fp32")))
+    args = _args(run_dir, digit_shards, tiny_components, train__precision="fp32")
+    succeeded(run_training(2, args))
     bf16, fp32 = _losses(reference), _losses(run_dir)
     assert sorted(fp32) == sorted(bf16)
     gaps = {s: abs(bf16[s] - fp32[s]) / fp32[s] for s in fp32}
@@ -107,7 +99,7 @@ def test_kill_9_mid_run_then_the_same_command_resumes_on_the_same_curve(
     killed = run_training(2, args, instruments={"MMDIT_TEST_KILL_AFTER_STEP": "5"})
     assert killed.returncode != 0
     assert max(_losses(run_dir)) == 4  # past the step-3 checkpoint; killed before logging 5
-    resumed = _ok(run_training(2, args))
+    resumed = succeeded(run_training(2, args))
     assert "resuming from" in resumed.stderr and "step_00000003" in resumed.stderr
     assert _losses(run_dir) == _losses(reference)
 
@@ -122,7 +114,7 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_checkpoint(
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / ".tmp_step_00000006").is_dir()  # shards written, never published
     assert (checkpoints / "latest").read_text().strip() == "step_00000003"
-    resumed = _ok(run_training(2, args))
+    resumed = succeeded(run_training(2, args))
     assert "step_00000003" in resumed.stderr
     assert not (checkpoints / ".tmp_step_00000006").exists()
     assert _losses(run_dir) == _losses(reference)
@@ -140,7 +132,7 @@ def test_usr2_checkpoints_on_all_ranks_exits_and_the_rerun_continues_the_curve(
     assert (checkpoints / "latest").read_text().strip() == "step_00000004"  # not a periodic one
     manifest = json.loads((checkpoints / "step_00000004" / "manifest.json").read_text())
     assert {"client_rank_00000.json", "client_rank_00001.json"} <= set(manifest["files"])
-    _ok(run_training(2, args))
+    succeeded(run_training(2, args))
     assert _losses(run_dir) == _losses(reference)
 
 
@@ -152,7 +144,7 @@ def test_two_ranks_resume_on_one_with_the_same_global_batch(
     for later in ("step_00000006", "step_00000008"):
         shutil.rmtree(run_dir / "checkpoints" / later)
     args = _args(run_dir, digit_shards, tiny_components, train__max_steps=6)
-    result = _ok(run_training(1, args))  # one plain process: accumulation 2 keeps batch 4
+    result = succeeded(run_training(1, args))  # one plain process: accumulation 2 keeps batch 4
     assert "universal checkpoint" in result.stderr
     expected, got = _losses(reference), _losses(run_dir)
     # Same samples, same noise, same optimizer state: the curve continues exactly (the
@@ -167,7 +159,7 @@ def test_nan_on_one_rank_skips_the_update_on_all_ranks_and_ema_matches_a_plain_e
     run_dir, dumps = tmp_path / "run", tmp_path / "dumps"
     args = _args(run_dir, digit_shards, tiny_components, train__max_steps=5)
     instruments = {"MMDIT_TEST_NAN_AT": "2:1", "MMDIT_TEST_DUMP_DIR": str(dumps)}
-    _ok(run_training(2, args, instruments=instruments))
+    succeeded(run_training(2, args, instruments=instruments))
 
     def partitions(step, rank):
         return (dumps / f"partitions_{step}_rank_{rank}.txt").read_text()
