@@ -1,5 +1,8 @@
 """The training loader: shards -> aspect-bucketed batches, resumable to the exact next sample.
 
+One module: the stream, its resumable state and the resharding of that state share one layout
+(slots, shard order, positions) and are only right together.
+
 Layout. Every rank runs `num_workers` DataLoader workers; rank r's worker w owns the *slot*
 r * num_workers + w. Each epoch, the shard list is shuffled with a seed from (seed, epoch),
 identically on all ranks, and slot s takes shards s, s + S, s + 2S, ... (S = world_size x

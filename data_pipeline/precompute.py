@@ -40,6 +40,10 @@ like a sample; `data_pipeline.cache_format.load_empty_prompt` reads it). A DIR w
 
 Errors a user can fix (no ``data.shards``, a spec matching nothing, missing components, a
 mismatching cache) are one line on stderr and exit code 2.
+
+This module is the command's driver (run file, ranks, shard assignment, progress); one shard's
+encoding is `data_pipeline.cache_writer.ShardEncoder`, the cache info and its checks are in
+`data_pipeline.cache_info`.
 """
 
 from __future__ import annotations
@@ -47,35 +51,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.bad_samples import BadSample, BadSampleCounter
-from data_pipeline.buckets import Bucket, bucket_families, decode_to_bucket
-from data_pipeline.cache_format import (
-    CACHE_INFO,
-    EMPTY_PROMPT,
-    TENSOR_EXT,
-    CacheInfo,
-    CacheLayout,
-    encode_tensors,
+from data_pipeline.bad_samples import BadSampleCounter
+from data_pipeline.cache_format import CacheInfo
+from data_pipeline.cache_info import (
+    CacheMismatch,
+    check_existing,
+    check_identity,
+    data_settings,
+    make_layout,
+    write_cache_info,
 )
+from data_pipeline.cache_writer import ShardEncoder
 from data_pipeline.config import DataConfig
-from data_pipeline.images import image_to_tensor
-from data_pipeline.tar_samples import expand_shards, iter_samples, parse_sample
-from mmdit.atomic_file import atomic_path, write_atomic
+from data_pipeline.tar_samples import expand_shards
 from mmdit.conditioning import (
-    VAE,
     ComponentError,
     ConditioningConfig,
-    TextEncoders,
     conditioning_identity,
-    identity_differences,
     load_text_encoders,
     load_vae,
 )
@@ -88,7 +87,6 @@ from mmdit.typed_config import (
 )
 
 PROG = "mmdit-precompute"
-STATS_SUFFIX = ".stats.json"
 CACHE_DTYPE = "bfloat16"
 # Sections of the run file this job reads; the others belong to the trainer / launcher.
 SECTIONS: tuple[str, ...] = ("conditioning", "data")
@@ -192,231 +190,6 @@ def assigned_shards(urls: Sequence[str], rank: int, world_size: int) -> list[tup
 
 
 # ---------------------------------------------------------------------------------------------
-# cache info
-
-
-def make_layout(text: TextEncoders) -> CacheLayout:
-    return CacheLayout(
-        clip_length=77,
-        clip_l_dim=int(text.clip_l.model.config.hidden_size),
-        clip_g_dim=int(text.clip_g.model.config.hidden_size),
-        t5_length=int(text.t5_max_length),
-        pooled_l_dim=int(text.clip_l.model.config.projection_dim),
-    )
-
-
-def data_settings(data: DataConfig) -> dict[str, Any]:
-    """The `data` settings that decide what a cache sample holds (bucket, crop, caption); the
-    seed only matters for random crops. Recorded in CacheInfo.extra["data"]; `resolutions`
-    only for a multi-resolution cache, so one-resolution caches keep their record."""
-    several = {"resolutions": list(data.all_resolutions)} if len(data.all_resolutions) > 1 else {}
-    return {
-        **several,
-        "resolution": data.resolution,
-        "bucket_multiple": data.bucket_multiple,
-        "max_aspect_ratio": data.max_aspect_ratio,
-        "crop": data.crop,
-        "crop_seed": data.seed if data.crop == "random" else None,
-        "caption": data.caption,
-        "empty_caption": data.empty_caption,
-    }
-
-
-def crop_rng(seed: int, shard_name: str, index: int) -> random.Random:
-    """The RNG of a random crop: seeded by (data.seed, source shard basename, index of the sample
-    in the shard), so a re-run or another rank (wherever the source is mounted) crops the
-    same way."""
-    return random.Random(f"precompute-crop:{seed}:{shard_name}:{index}")
-
-
-def _differences(recorded: Any, current: Any) -> list[str]:
-    return [
-        f"{key}: cache has {a!r}, this run {b!r}"
-        for key, a, b in identity_differences(recorded, current)
-    ]
-
-
-def _recorded_info(out: Path) -> CacheInfo | None:
-    if not (out / CACHE_INFO).is_file():
-        return None
-    try:
-        return CacheInfo.load(out)
-    except (ValueError, TypeError, KeyError) as e:
-        raise PrecomputeError(f"{out / CACHE_INFO}: unreadable ({e}); use another --out") from None
-
-
-def _mismatch(out: Path, diffs: list[str]) -> str:
-    return (
-        f"{out} holds a cache made with other encoders or settings ({'; '.join(diffs)}); "
-        "one cache never mixes encoders: use another --out"
-    )
-
-
-def check_existing(out: Path, info: CacheInfo) -> bool:
-    """True when `out` already holds a cache made the same way; raises PrecomputeError naming
-    every difference when it was made another way. False when there is no cache info yet."""
-    recorded = _recorded_info(out)
-    if recorded is None:
-        return False
-    diffs = _differences(
-        {
-            "identity": recorded.identity,
-            "layout": asdict(recorded.layout),
-            "dtype": recorded.dtype,
-            "data": recorded.extra.get("data"),
-        },
-        {
-            "identity": info.identity,
-            "layout": asdict(info.layout),
-            "dtype": info.dtype,
-            "data": info.extra.get("data"),
-        },
-    )
-    if diffs:
-        raise PrecomputeError(_mismatch(out, diffs))
-    return True
-
-
-def write_cache_info(out: Path, info: CacheInfo, text: TextEncoders) -> None:
-    """The empty prompt (unbatched: context (L, D), pooled (P,), bf16), then the cache info."""
-    import torch
-
-    empty = text.encode([""])
-    write_atomic(
-        out / EMPTY_PROMPT,
-        encode_tensors(
-            {
-                "context": empty.context[0].to(torch.bfloat16),
-                "pooled": empty.pooled[0].to(torch.bfloat16),
-            }
-        ),
-    )
-    info.save(out)  # last: a cache info always has its empty prompt beside it
-
-
-# ---------------------------------------------------------------------------------------------
-# one shard
-
-
-@dataclass
-class _Pending:
-    key: str
-    url: str
-    caption: str
-    image: Any  # (3, h, w) float tensor in [-1, 1]
-    bucket: Bucket
-    crop_top_left: tuple[int, int]
-    original_size: tuple[int, int]
-
-
-class ShardEncoder:
-    """Encodes the samples of one source shard into one cache shard."""
-
-    def __init__(self, cfg: PrecomputeConfig, vae: VAE, text: TextEncoders, batch: int):
-        self.cfg = cfg
-        self.vae = vae
-        self.text = text
-        self.batch = batch
-        self.buckets = bucket_families(cfg.data)
-
-    def _flush(self, items: list[_Pending], writer, counter: BadSampleCounter) -> None:
-        import torch
-
-        if not items:
-            return
-        images = torch.stack([p.image for p in items])
-        mean, logvar = self.vae.encode(images)
-        emb = self.text.encode([p.caption for p in items])
-        bf16 = torch.bfloat16
-        for i, p in enumerate(items):
-            tensors = {
-                "mean": mean[i].to(bf16),
-                "logvar": logvar[i].to(bf16),
-                "context": emb.context[i].to(bf16),
-                "pooled": emb.pooled[i].to(bf16),
-            }
-            meta = {
-                "key": p.key,
-                "source_key": p.key,
-                "source_url": p.url,
-                "caption": p.caption,
-                "bucket": list(p.bucket),
-                "crop_top_left": list(p.crop_top_left),
-                "original_size": list(p.original_size),
-            }
-            writer.write(
-                {
-                    "__key__": p.key,
-                    TENSOR_EXT: encode_tensors(tensors),
-                    "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
-                }
-            )
-            counter.add_good()
-        items.clear()
-
-    def run(self, url: str, dest: Path) -> dict[str, int]:
-        """Write the cache shard of `url` to `dest` (atomically) and its stats beside it."""
-        import webdataset as wds
-
-        data = self.cfg.data
-        counter = BadSampleCounter()
-        pending: dict[Bucket, list[_Pending]] = {}
-        with atomic_path(dest) as tmp:
-            with open(tmp, "wb") as f:
-                writer = wds.TarWriter(f, encoder=False, mtime=0.0)
-                samples = iter_samples(
-                    url,
-                    counter,
-                    open_retries=data.shard_open_retries,
-                    retry_wait_s=data.shard_retry_wait_s,
-                )
-                for index, sample in enumerate(samples):
-                    try:
-                        parsed = parse_sample(
-                            sample, caption=data.caption, empty_caption=data.empty_caption
-                        )
-                        rng = (
-                            crop_rng(data.seed, dest.name, index) if data.crop == "random" else None
-                        )
-                        img, bucket, top_left, original = decode_to_bucket(
-                            parsed["image_bytes"],
-                            self.buckets,
-                            data.crop,
-                            rng,
-                            min_side=data.bucket_multiple,
-                            key=parsed["key"],
-                        )
-                    except BadSample as e:
-                        counter.add_bad(e.reason)
-                        continue
-                    queue = pending.setdefault(bucket, [])
-                    queue.append(
-                        _Pending(
-                            parsed["key"],
-                            parsed["url"],
-                            parsed["caption"],
-                            image_to_tensor(img),
-                            bucket,
-                            top_left,
-                            original,
-                        )
-                    )
-                    if len(queue) >= self.batch:
-                        self._flush(queue, writer, counter)
-                for bucket in sorted(pending):
-                    self._flush(pending[bucket], writer, counter)
-                writer.close()
-                f.flush()
-                os.fsync(f.fileno())
-            stats = {"shard": dest.name, "source_url": url, **counter.as_dict()}
-            write_atomic(
-                dest.with_name(dest.name[: -len(".tar")] + STATS_SUFFIX),
-                json.dumps(stats, indent=2).encode(),
-            )
-        return counter.as_dict()
-
-
-# ---------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -471,41 +244,21 @@ def _format_eta(seconds: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     if args.batch < 1:
         raise PrecomputeError(f"--batch {args.batch} must be >= 1")
     rank, world = rank_and_world(args.rank, args.world_size)
     cfg = load_config(args.config, args.overrides)
     cond, data = cfg.conditioning, cfg.data
-    if not data.shards.strip():
-        raise PrecomputeError(
-            f"{args.config}: data.shards is empty; set it to the source shards (a brace pattern, "
-            "directory or list file), e.g. data.shards=/data/shards"
-        )
-    try:
-        urls = expand_shards(data.shards)
-    except ValueError as e:
-        raise PrecomputeError(f"data.shards: {e}") from None
+    urls = _source_shards(args.config, data)
     mine = assigned_shards(urls, rank, world)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PrecomputeError("--device cuda but no CUDA device is available; use --device cpu")
-    root = cond.components or None
+    device = _pick_device(args.device)
     identity = conditioning_identity(
-        root, cond.paths(), use_t5=cond.use_t5, t5_max_length=cond.t5_max_length
+        cond.components or None, cond.paths(), use_t5=cond.use_t5, t5_max_length=cond.t5_max_length
     )
     out: Path = args.out
-    # Identity first, from the files alone: a mismatch is refused before any weights load.
-    recorded = _recorded_info(out)
     settings = data_settings(data)
-    if recorded is not None:
-        diffs = _differences(
-            {"identity": recorded.identity, "data": recorded.extra.get("data")},
-            {"identity": identity, "data": settings},
-        )
-        if diffs:
-            raise PrecomputeError(_mismatch(out, diffs))
+    # Identity first, from the files alone: a mismatch is refused before any weights load.
+    check_identity(out, identity, settings)
     t0 = time.perf_counter()
     text = load_text_encoders(cond, device)
     vae = load_vae(cond, device)
@@ -524,8 +277,36 @@ def run(args: argparse.Namespace) -> int:
         f"{len(mine)} of {len(urls)} source shards (world size {world}) -> {out}; encoders "
         f"loaded on {device} ({cond.dtype}) in {time.perf_counter() - t0:.1f} s",
     )
+    summary = _encode_shards(ShardEncoder(data, vae, text, args.batch), mine, out, rank)
+    _log(rank, "summary " + json.dumps({"rank": rank, "world_size": world, **summary}))
+    return 0
 
-    encoder = ShardEncoder(cfg, vae, text, args.batch)
+
+def _source_shards(config: str | os.PathLike, data: DataConfig) -> list[str]:
+    if not data.shards.strip():
+        raise PrecomputeError(
+            f"{config}: data.shards is empty; set it to the source shards (a brace pattern, "
+            "directory or list file), e.g. data.shards=/data/shards"
+        )
+    try:
+        return expand_shards(data.shards)
+    except ValueError as e:
+        raise PrecomputeError(f"data.shards: {e}") from None
+
+
+def _pick_device(device: str | None) -> str:
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PrecomputeError("--device cuda but no CUDA device is available; use --device cpu")
+    return device
+
+
+def _encode_shards(
+    encoder: ShardEncoder, mine: list[tuple[str, str]], out: Path, rank: int
+) -> dict[str, Any]:
+    """Every assigned shard without a cache shard yet, with a progress line each; the counts."""
     total = BadSampleCounter()
     done = skipped = 0
     work_time = 0.0
@@ -553,9 +334,7 @@ def run(args: argparse.Namespace) -> int:
             f"{counts['good'] / max(elapsed, 1e-9):.1f} samples/s  "
             f"[{done}/{len(mine)} shards, ETA {_format_eta(eta)}]",
         )
-    summary = {
-        "rank": rank,
-        "world_size": world,
+    return {
         "shards": len(mine),
         "written": worked,
         "skipped": skipped,
@@ -563,8 +342,6 @@ def run(args: argparse.Namespace) -> int:
         "samples_per_s": round(total.good / work_time, 2) if work_time else 0.0,
         **total.as_dict(),
     }
-    _log(rank, "summary " + json.dumps(summary))
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -572,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except (PrecomputeError, ConfigError, ComponentError) as e:
+    except (PrecomputeError, CacheMismatch, ConfigError, ComponentError) as e:
         message = " ".join(str(e).split())
         print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
         return 2

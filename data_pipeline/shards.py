@@ -28,48 +28,29 @@ a half shard under a final name. The summary is printed and saved as ``DIR/_writ
 output directories as they are) with the same safe reader the training loader uses and prints a
 JSON report: samples, decodable images, captions, image sizes, aspect ratios, formats and bad
 samples per reason.
+
+This module is the command: its inputs (an image folder or a table) and arguments; the writer
+is data_pipeline/shard_writer.py, the report data_pipeline/shard_report.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
-import io
 import json
-import math
-import os
-import statistics
 import sys
-import time
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-from tqdm import tqdm
-
-from data_pipeline.bad_samples import BadSample, BadSampleCounter
 from data_pipeline.config import DataConfig
-from data_pipeline.images import IMAGE_EXTENSIONS, decode_image
-from data_pipeline.tar_samples import expand_shards, iter_samples, parse_sample
-from mmdit.atomic_file import atomic_path, publish, temp_name
+from data_pipeline.images import IMAGE_EXTENSIONS
+from data_pipeline.shard_report import inspect_shards
+from data_pipeline.shard_writer import SUMMARY_NAME, Item, write_shards
+from data_pipeline.tar_samples import expand_shards
 
-SUMMARY_NAME = "_write_summary.json"
+__all__ = ["SUMMARY_NAME", "Item", "inspect_shards", "main", "write_shards"]
+
 CAPTION_SUFFIXES = (".txt", ".caption")
-# Stored image formats (PIL format -> member extension) written as-is without --reencode.
-STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-# Aspect ratio (width / height) histogram bins: [lo, hi).
-ASPECT_BINS: tuple[tuple[str, float, float], ...] = (
-    ("<0.50", 0.0, 0.5),
-    ("0.50-0.75", 0.5, 0.75),
-    ("0.75-0.91", 0.75, 0.91),
-    ("0.91-1.10", 0.91, 1.10),
-    ("1.10-1.33", 1.10, 1.34),  # 4:3 (1.333...) falls in this bin
-    ("1.33-2.00", 1.34, 2.0),
-    (">=2.00", 2.0, math.inf),
-)
 
 
 class InputError(Exception):
@@ -77,16 +58,7 @@ class InputError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# write
-
-
-@dataclass
-class Item:
-    """One input: an image path and its caption (None when missing)."""
-
-    path: Path
-    original_path: str
-    caption: str | None
+# write: the inputs (an image folder or a table) -> Items -> shard_writer
 
 
 def _images_dir_items(root: Path) -> tuple[int, Iterator[Item]]:
@@ -144,201 +116,11 @@ def _table_items(path: Path, kind: str, image_col: str, caption_col: str):
     return len(rows), gen()
 
 
-class _ShardSink:
-    """Rolls over TarWriter shards by count and size; each shard is written to its temporary
-    name (mmdit.atomic_file.temp_name) and published when closed."""
-
-    def __init__(self, out: Path, prefix: str, max_count: int, max_bytes: int):
-        self.out, self.prefix = out, prefix
-        self.max_count, self.max_bytes = max_count, max_bytes
-        self.digits = max(1, len(str(max_count - 1)))
-        self.index = -1
-        self.count = 0
-        self.size = 0
-        self.writer = None
-        self.file = None
-        self.tmp: Path | None = None
-        self.shards: list[str] = []
-        self.total_bytes = 0
-
-    def name(self, index: int) -> str:
-        return f"{self.prefix}{index:06d}.tar"
-
-    def _open_next(self) -> None:
-        import webdataset as wds
-
-        self.close()
-        self.index += 1
-        self.tmp = temp_name(self.out / self.name(self.index))
-        self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()
-        self.writer = wds.TarWriter(self.file, encoder=False)
-        self.count = 0
-        self.size = 0
-
-    def next_key(self) -> str:
-        if self.writer is None or self.count >= self.max_count or self.size >= self.max_bytes:
-            self._open_next()
-        number = self.index * 10**self.digits + self.count
-        return f"{self.prefix}{number:0{5 + self.digits}d}"
-
-    def write(self, sample: dict) -> None:
-        self.writer.write(sample)
-        self.count += 1
-        self.size = self.file.tell()
-
-    def close(self) -> None:
-        if self.writer is None:
-            return
-        self.writer.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        final = self.out / self.name(self.index)
-        publish(self.tmp, final)
-        self.total_bytes += final.stat().st_size
-        self.shards.append(final.name)
-        self.writer = self.file = self.tmp = None
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            try:
-                self.writer.close()  # finish the tar stream into the .tmp file, then drop it
-                self.file.close()
-            finally:
-                if self.tmp is not None and self.tmp.exists():
-                    self.tmp.unlink()
-            self.writer = self.file = self.tmp = None
-
-
-def _encode_item(item: Item, reencode: str) -> tuple[bytes, str, int, int]:
-    """Validated (image bytes to store, extension, width, height). Raises BadSample."""
-    try:
-        data = item.path.read_bytes()
-    except OSError as e:
-        raise BadSample("missing_image", f"{item.original_path}: {e.strerror or e}") from None
-    img = decode_image(data, key=item.original_path)
-    width, height = img.size
-    if reencode == "jpg":
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=95)
-        return buf.getvalue(), "jpg", width, height
-    fmt = Image.open(io.BytesIO(data)).format
-    ext = STORED_FORMATS.get(fmt or "")
-    if ext is None:
-        raise BadSample(
-            "corrupt_image", f"{item.original_path}: {fmt} is not stored as-is; use --reencode jpg"
-        )
-    return data, ext, width, height
-
-
-def write_shards(
-    items: Iterator[Item],
-    total: int,
-    out: Path,
-    *,
-    prefix: str = "",
-    source: str = "",
-    max_count: int = 10000,
-    max_size_mb: float = 1000.0,
-    reencode: str = "none",
-    progress: bool = True,
-) -> dict:
-    """Write `items` as shards in `out`; returns the summary (also saved as _write_summary.json)."""
-    t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    rejected = BadSampleCounter()
-    sink = _ShardSink(out, prefix, max_count, int(max_size_mb * 1e6))
-    bar = tqdm(items, total=total, desc="write", unit="img", disable=not progress)
-    try:
-        for item in bar:
-            caption = None if item.caption is None else item.caption.strip()
-            try:
-                data, ext, width, height = _encode_item(item, reencode)
-                if caption is None:
-                    raise BadSample("missing_caption", item.original_path)
-                if not caption:
-                    raise BadSample("empty_caption", item.original_path)
-            except BadSample as e:
-                rejected.add_bad(e.reason)
-                bar.set_postfix(rejected=rejected.total_bad, refresh=False)
-                continue
-            key = sink.next_key()
-            meta = {
-                "key": key,
-                "caption": caption,
-                "url": item.original_path,
-                "status": "success",
-                "error_message": None,
-                "width": width,
-                "height": height,
-                "original_width": width,
-                "original_height": height,
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "original_path": item.original_path,
-                "source": source,
-            }
-            sink.write(
-                {
-                    "__key__": key,
-                    ext: data,
-                    "txt": caption.encode("utf-8"),
-                    "json": json.dumps(meta, indent=4).encode("utf-8"),
-                }
-            )
-            rejected.add_good()
-        sink.close()
-    except BaseException:
-        sink.abort()
-        raise
-    finally:
-        bar.close()
-    summary = {
-        "out": str(out),
-        "inputs": total,
-        "written": rejected.good,
-        "shards": len(sink.shards),
-        "shard_names": sink.shards,
-        "bytes": sink.total_bytes,
-        "rejected": {r: n for r, n in rejected.as_dict().items() if r != "good" and n},
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    with atomic_path(out / SUMMARY_NAME) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return summary
-
-
 def _cmd_write(args: argparse.Namespace) -> int:
-    if args.max_count < 1:
-        raise InputError(f"--max-count {args.max_count} must be >= 1")
-    if args.max_size_mb <= 0:
-        raise InputError(f"--max-size-mb {args.max_size_mb} must be > 0")
-    if args.prefix and not all(c.isalnum() or c in "-_" for c in args.prefix):
-        raise InputError(f"--prefix {args.prefix!r}: use only letters, digits, '-' and '_'")
-    if args.images_dir is not None:
-        if not args.images_dir.is_dir():
-            raise InputError(f"--images-dir {args.images_dir}: no such directory")
-        total, items = _images_dir_items(args.images_dir)
-        source = args.source or args.images_dir.name
-    else:
-        kind, path = next(
-            (k, p)
-            for k, p in (("csv", args.csv), ("tsv", args.tsv), ("parquet", args.parquet))
-            if p
-        )
-        if not path.is_file():
-            raise InputError(f"--{kind} {path}: no such file")
-        total, items = _table_items(path, kind, args.image_col, args.caption_col)
-        source = args.source or path.name
+    _check_write_args(args)
+    total, items, source = _inputs(args)
     out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a directory")
-    if out.is_dir():
-        clash = sorted(p.name for p in out.glob(f"{args.prefix}[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
-        if clash:
-            raise InputError(
-                f"--out {out} already holds shards ({clash[0]}, ...); use an empty directory "
-                "or a different --prefix"
-            )
+    _check_out(out, args.prefix)
     summary = write_shards(
         items,
         total,
@@ -360,104 +142,46 @@ def _cmd_write(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_write_args(args: argparse.Namespace) -> None:
+    if args.max_count < 1:
+        raise InputError(f"--max-count {args.max_count} must be >= 1")
+    if args.max_size_mb <= 0:
+        raise InputError(f"--max-size-mb {args.max_size_mb} must be > 0")
+    if args.prefix and not all(c.isalnum() or c in "-_" for c in args.prefix):
+        raise InputError(f"--prefix {args.prefix!r}: use only letters, digits, '-' and '_'")
+
+
+def _inputs(args: argparse.Namespace) -> tuple[int, Iterator[Item], str]:
+    """(number of inputs, the inputs, their json 'source') from --images-dir or a table."""
+    if args.images_dir is not None:
+        if not args.images_dir.is_dir():
+            raise InputError(f"--images-dir {args.images_dir}: no such directory")
+        total, items = _images_dir_items(args.images_dir)
+        return total, items, args.source or args.images_dir.name
+    kind, path = next(
+        (k, p) for k, p in (("csv", args.csv), ("tsv", args.tsv), ("parquet", args.parquet)) if p
+    )
+    if not path.is_file():
+        raise InputError(f"--{kind} {path}: no such file")
+    total, items = _table_items(path, kind, args.image_col, args.caption_col)
+    return total, items, args.source or path.name
+
+
+def _check_out(out: Path, prefix: str) -> None:
+    """The output directory: absent, or a directory without shards of this prefix."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a directory")
+    if out.is_dir():
+        clash = sorted(p.name for p in out.glob(f"{prefix}[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+        if clash:
+            raise InputError(
+                f"--out {out} already holds shards ({clash[0]}, ...); use an empty directory "
+                "or a different --prefix"
+            )
+
+
 # ---------------------------------------------------------------------------------------------
 # inspect
-
-
-def _stats(values: list[int]) -> dict:
-    if not values:
-        return {"min": None, "median": None, "max": None}
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
-
-
-def _aspect_bin(ratio: float) -> str:
-    for label, lo, hi in ASPECT_BINS:
-        if lo <= ratio < hi:
-            return label
-    return ASPECT_BINS[-1][0]
-
-
-def inspect_shards(
-    urls: list[str],
-    *,
-    max_samples: int | None = None,
-    caption: str = "txt",
-    empty_caption: str = "skip",
-    progress: bool = True,
-) -> dict:
-    """Read shards with the training loader's reader and rules; returns the report dict.
-
-    `bad` holds one count per skipped sample (and per bad shard) by reason, exactly what the
-    loader would count; `good` = samples the loader would train on."""
-    t0 = time.perf_counter()
-    counter = BadSampleCounter()
-    samples = decodable = 0
-    captions = Counter({"present": 0, "empty": 0, "missing": 0})
-    formats: Counter[str] = Counter()
-    widths: list[int] = []
-    heights: list[int] = []
-    aspect = Counter({label: 0 for label, _, _ in ASPECT_BINS})
-    problem_shards: list[dict] = []
-    examples: list[dict] = []
-
-    def on_bad(reason: str, url: str, key: str, detail: str) -> None:
-        if reason in ("truncated_tar", "unreadable_shard"):
-            problem_shards.append({"url": url, "reason": reason, "detail": detail})
-        elif len(examples) < 20:
-            examples.append({"url": url, "key": key, "reason": reason, "detail": detail})
-
-    bar = tqdm(urls, desc="inspect", unit="shard", disable=not progress, file=sys.stderr)
-    for url in bar:
-        if max_samples is not None and samples >= max_samples:
-            break
-        for sample in iter_samples(url, counter, on_bad=on_bad):
-            samples += 1
-            try:
-                parsed = parse_sample(sample, caption=caption, empty_caption="keep")
-                captions["empty" if not parsed["caption"] else "present"] += 1
-                img = decode_image(parsed["image_bytes"], key=parsed["key"])
-                decodable += 1
-                w, h = img.size
-                widths.append(w)
-                heights.append(h)
-                aspect[_aspect_bin(w / h)] += 1
-                formats[parsed["image_ext"]] += 1
-                if not parsed["caption"] and empty_caption == "skip":
-                    raise BadSample("empty_caption", parsed["key"])
-                counter.add_good()
-            except BadSample as e:
-                if e.reason == "missing_caption":
-                    captions["missing"] += 1
-                counter.add_bad(e.reason)
-                if len(examples) < 20:
-                    examples.append(
-                        {
-                            "url": url,
-                            "key": sample["__key__"],
-                            "reason": e.reason,
-                            "detail": e.detail,
-                        }
-                    )
-            bar.set_postfix(samples=samples, bad=counter.total_bad, refresh=False)
-            if max_samples is not None and samples >= max_samples:
-                break
-    bar.close()
-    return {
-        "shards": len(urls),
-        "samples": samples,
-        "good": counter.good,
-        "decodable_images": decodable,
-        "captions": dict(captions),
-        "formats": dict(formats),
-        "width": _stats(widths),
-        "height": _stats(heights),
-        "aspect_ratio_histogram": dict(aspect),
-        "bad": counter.as_dict(),
-        "bad_total": counter.total_bad,
-        "problem_shards": problem_shards,
-        "bad_examples": examples,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -503,7 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `mmdit-shards write --help` or `mmdit-shards inspect --help` for details.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{write,inspect}")
+    _add_write_command(sub)
+    _add_inspect_command(sub)
+    return parser
 
+
+def _add_write_command(sub) -> None:
     w = sub.add_parser(
         "write",
         help="pack images + captions into NNNNNN.tar shards",
@@ -555,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--quiet", action="store_true", help="no progress bar")
     w.set_defaults(func=_cmd_write)
 
+
+def _add_inspect_command(sub) -> None:
     i = sub.add_parser(
         "inspect",
         help="report samples, image sizes, captions and bad samples of shards",
@@ -583,7 +314,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("--quiet", action="store_true", help="no progress bar")
     i.set_defaults(func=_cmd_inspect)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

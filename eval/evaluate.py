@@ -34,43 +34,39 @@ generated images are split over the ranks; rank 0 writes the table.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
-import json
 import logging
-import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
-import torch
-
-from data_pipeline.cache_format import CACHE_INFO
-from data_pipeline.config import DataConfig
-from data_pipeline.eval_samples import eval_batches, shard_mode
+from data_pipeline.eval_samples import shard_mode
 from data_pipeline.held_out_loss import held_out_loss
-from data_pipeline.tar_samples import expand_shards
-from eval.loading import conditioning_of, pick_device, run_config_of
+from eval.image_metrics import fid_prompts_and_reference, generate_images, image_metrics
+from eval.loading import conditioning_of, pick_device
 from eval.settings import EvalSettings, add_setting_flags, resolve_settings, settings_id
+from eval.table import (
+    missing_metrics,
+    read_table,
+    row_key,
+    row_order,
+    updated_row,
+    write_table,
+)
 from mmdit import distributed
-from mmdit.atomic_file import write_atomic
 from mmdit.checkpoints import (
     MANIFEST,
     CheckpointError,
     checkpoints_dir,
     is_training_checkpoint,
-    read_manifest,
     read_run_config,
     resolve_checkpoint,
     run_checkpoints,
 )
-from mmdit.conditioning import DTYPES, ConditioningConfig, load_text_encoders, load_vae
-from mmdit.flops import param_counts, train_flops_per_sample
-from mmdit.sampling import sample_prompts, to_uint8
-from mmdit.typed_config import ConfigError, from_dict
+from mmdit.conditioning import DTYPES, load_text_encoders, load_vae
+from mmdit.typed_config import ConfigError
 from mmdit.weights import Weights, load_weights
 
 log = logging.getLogger("mmdit-eval")
@@ -108,76 +104,6 @@ def expand_targets(specs: Iterable[str], weights: Iterable[str], latest_only: bo
     return out
 
 
-def _section(config: Mapping, name: str, cls, source: str):
-    return from_dict(cls, config.get(name) or {}, source=f"{source}: {name}")
-
-
-# --------------------------------------------------------------------------------------------
-# The table
-# --------------------------------------------------------------------------------------------
-
-
-def row_key(row: Mapping) -> tuple[str, str]:
-    return str(row["checkpoint"]), str(row["weights"])
-
-
-def read_table(out_dir: Path) -> list[dict]:
-    path = out_dir / "table.json"
-    if not path.is_file():
-        return []
-    rows = json.loads(path.read_text())
-    if not isinstance(rows, list):
-        raise CheckpointError(f"{path} is not a table written by mmdit-eval (expected a list)")
-    return rows
-
-
-def row_order(row: Mapping) -> tuple:
-    return str(row["run"]), row["step"] or 0, str(row["weights"])
-
-
-def write_table(out_dir: Path, rows: list[dict]) -> None:
-    rows = sorted(rows, key=row_order)
-    write_atomic(out_dir / "table.json", json.dumps(rows, indent=1, default=str) + "\n")
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns and not isinstance(row[k], (dict, list))]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-    write_atomic(out_dir / "table.csv", buf.getvalue())
-
-
-def describe(weights: Weights) -> dict:
-    """The columns that place a row on a scaling plot: size, step, data and compute seen."""
-    config = run_config_of(weights)
-    params = param_counts(weights.config)["total"]
-    row: dict = {
-        "run": weights.run_dir.name if weights.run_dir else Path(weights.source).name,
-        "model": f"d{weights.config.depth}",
-        "depth": weights.config.depth,
-        "hidden_size": weights.config.hidden_size,
-        "params": params,
-        "step": weights.step,
-        "weights": weights.weights,
-        "checkpoint": weights.source,
-        "samples_seen": None,
-        "train_flops": None,
-    }
-    if config:
-        src = weights.source
-        data = _section(config, "data", DataConfig, src)
-        cond = _section(config, "conditioning", ConditioningConfig, src)
-        train = config.get("train") or {}
-        world = read_manifest(src).get("world_size", 1)
-        batch = train.get("global_batch_size") or train.get("micro_batch_size", 1) * world
-        row["samples_seen"] = int(weights.step) * int(batch)
-        per_sample = train_flops_per_sample(weights.config, data.resolution, cond.t5_max_length)
-        row["train_flops"] = float(row["samples_seen"]) * per_sample
-    return row
-
-
 # --------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------
@@ -212,105 +138,15 @@ def compute_val_loss(model, vae, text_encoders, settings, env, device, dtype) ->
     }
 
 
-def fid_prompts_and_reference(settings: EvalSettings) -> tuple[list[str], dict, object]:
-    """(all prompts in order, the reference's cache key, a callable yielding reference uint8
-    batches) for the FID / CLIP reference set."""
-    from eval.fid import load_image_folder
-
-    reference, n, size = (
-        settings.eval.fid_reference,
-        settings.eval.fid_samples,
-        settings.eval.fid_size,
-    )
-    if not reference:
-        raise CheckpointError("fid needs a reference: pass --fid-reference or set eval.val_shards")
-    path = Path(reference)
-    if path.is_dir() and not (path / CACHE_INFO).is_file() and not any(path.glob("*.tar")):
-        if not settings.fid_prompts:
-            raise CheckpointError(
-                f"--fid-reference {reference} is an image folder: pass --fid-prompts FILE (one "
-                "prompt per line) for the images to generate"
-            )
-        lines = Path(settings.fid_prompts).read_text().splitlines()
-        prompts = [p.strip() for p in lines if p.strip()][:n]
-        files = sorted(p for p in path.iterdir() if p.is_file())
-        key = {"folder": str(path.resolve()), "files": [(f.name, f.stat().st_size) for f in files]}
-        return (
-            prompts,
-            {**key, "size": size, "limit": n},
-            lambda: load_image_folder(path, size, n),
-        )
-    data = dataclasses.replace(
-        settings.data,
-        resolution=size,
-        max_aspect_ratio=1.0,  # one square bucket: every image size - size
-    )
-    if shard_mode(reference) != "images":
-        raise CheckpointError(
-            f"--fid-reference {reference}: cache shards hold latents, not images; give the raw "
-            "image shards (or an image folder)"
-        )
-
-    def items():
-        return eval_batches(data, reference, mode="images", batch_size=32, limit=n)
-
-    prompts = [c for batch in items() for c in batch["captions"]]
-    urls = expand_shards(reference)
-    stat = [(u, os.path.getsize(u), int(os.path.getmtime(u))) for u in urls if os.path.exists(u)]
-    key = {"shards": stat, "size": size, "limit": n, "caption": data.caption}
-
-    def images():
-        for batch in items():
-            yield torch.from_numpy(to_uint8(batch["images"])).permute(0, 3, 1, 2).contiguous()
-
-    return prompts, key, images
-
-
-def generate_images(model, vae, text_encoders, prompts, settings, env, device, dtype):
-    """This rank's contiguous share of the generated images, as {index: uint8 (3, H, W)}.
-    Image i uses noise seed eval.sample_seed + i (mmdit.sampling seeds prompt j of a call with
-    seed + j), so the images do not depend on the number of ranks or the batch."""
-    n, ev = len(prompts), settings.eval
-    share = range(n * env.rank // env.world_size, n * (env.rank + 1) // env.world_size)
-    start = time.monotonic()
-
-    def progress(done: int) -> None:
-        rate = done / max(time.monotonic() - start, 1e-9)
-        log.info(
-            "generated %d/%d images on rank %d (%.2f img/s, ETA %.0f s)",
-            done,
-            len(share),
-            env.rank,
-            rate,
-            (len(share) - done) / max(rate, 1e-9),
-        )
-
-    pixels = sample_prompts(
-        model,
-        vae,
-        text_encoders,
-        prompts[share.start : share.stop],
-        height=ev.fid_size,
-        width=ev.fid_size,
-        seed=ev.sample_seed + share.start,
-        steps=ev.sample_steps,
-        cfg_scale=ev.cfg_scale,
-        shift=ev.shift,
-        batch_size=settings.batch_size,
-        device=device,
-        dtype=dtype,
-        on_batch=progress,
-    )
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
-    return dict(zip(share, images, strict=True))
-
-
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
 
 
 class Evaluator:
+    """What the checkpoints share, loaded once: the device, the frozen components, the FID / CLIP
+    feature models and the reference set; evaluate() computes one checkpoint's metrics."""
+
     def __init__(self, args: argparse.Namespace, env):
         self.args, self.env = args, env
         self.device = pick_device(args.device)
@@ -388,33 +224,9 @@ class Evaluator:
             images = generate_images(
                 model, vae, text_encoders, prompts, settings, self.env, device, dtype
             )
-            row.update(self._image_metrics(images, prompts, ref_stats, settings, gen))
-        return row
-
-    def _image_metrics(self, images, prompts, ref_stats, settings, gen) -> dict:
-        from eval.fid import frechet_distance, statistics
-
-        order = sorted(images)
-        stacked = torch.stack([images[i] for i in order]) if order else None
-        local: dict = {"indices": order}
-        if "fid" in gen and stacked is not None:
-            local["features"] = self.inception(stacked)
-        if "clip" in gen and stacked is not None:
-            local["clip"] = self.clip.scores(stacked, [prompts[i] for i in order])
-        parts = distributed.gather_objects(local)
-        row: dict = {"fid_samples": len(prompts), "sample_seed": settings.eval.sample_seed}
-        index = [i for p in parts for i in p["indices"]]
-        position = sorted(range(len(index)), key=index.__getitem__)
-        if "fid" in gen:
-            features = torch.cat([p["features"] for p in parts if "features" in p])[position]
-            row["fid"] = frechet_distance(ref_stats, statistics(features))
-            row["fid_settings"] = settings_id(settings, "fid")
-            log.info("FID %.4f over %d generated images", row["fid"], features.shape[0])
-        if "clip" in gen:
-            scores = torch.cat([p["clip"] for p in parts if "clip" in p])[position]
-            row["clip_score"] = float(scores.mean())
-            row["clip_settings"] = settings_id(settings, "clip")
-            log.info("CLIP score %.4f over %d images", row["clip_score"], scores.shape[0])
+            row.update(
+                image_metrics(images, prompts, ref_stats, settings, gen, self.inception, self.clip)
+            )
         return row
 
 
@@ -422,79 +234,77 @@ def _val_needs_text(settings: EvalSettings, wanted: list[str]) -> bool:
     return "val_loss" in wanted and shard_mode(settings.eval.val_shards) == "images"
 
 
-def _is_column_of(column: str, metrics: list[str]) -> bool:
-    """Whether a table column belongs to one of these metrics (dropped before recomputing them,
-    so no value from other settings survives next to the new ones)."""
-    prefixes = {"val_loss": ("val_",), "fid": ("fid",), "clip": ("clip_",)}
-    return any(column.startswith(p) for m in metrics for p in prefixes[m])
-
-
-def missing_metrics(row: Mapping | None, metrics: list[str], settings: EvalSettings) -> list[str]:
-    """The requested metrics this row lacks, or has from other settings."""
-    column = {"val_loss": "val_loss", "fid": "fid", "clip": "clip_score"}
-    out = []
-    for m in metrics:
-        value = None if row is None else row.get(column[m])
-        fresh = row is not None and row.get(f"{m}_settings") == settings_id(settings, m)
-        if value is None or (isinstance(value, float) and math.isnan(value)) or not fresh:
-            out.append(m)
-    return out
-
-
 def run(args: argparse.Namespace) -> list[dict]:
+    """Evaluate every target the arguments name, writing the table after each; its rows."""
     env = distributed.detect()
     distributed.init_process_group(env)
     evaluator = Evaluator(args, env)
-    bad = [m for m in evaluator.metrics if m not in METRICS]
-    weights_kinds = [w.strip() for w in args.weights.split(",") if w.strip()]
-    if bad or not evaluator.metrics:
-        raise CheckpointError(f"--metrics {args.metrics!r}: choose from {', '.join(METRICS)}")
-    if not weights_kinds or any(w not in WEIGHTS for w in weights_kinds):
-        raise CheckpointError(f"--weights {args.weights!r}: choose from {', '.join(WEIGHTS)}")
+    weights_kinds = _checked_choices(args, evaluator.metrics)
     targets = expand_targets(args.checkpoints, weights_kinds, args.latest_only)
     out_dir = Path(args.out)
     rows = {row_key(r): r for r in read_table(out_dir)}
     if not targets:
         raise CheckpointError("--checkpoints names nothing to evaluate")
-    first = targets[0]
-    run_config = read_run_config(first.spec) if first.weights != "exported" else {}
-    settings = resolve_settings(args, run_config, first.spec)
+    settings = _settings_of(targets[0], args)
     # Missing feature-extractor weights fail here, before any image is generated.
     evaluator.feature_models(settings)
     for n, target in enumerate(targets, 1):
-        # A row's key is what load_weights reports as source and weights: decided before the
-        # (for raw ZeRO-3 weights, costly) load, so a resumed evaluation skips for free.
-        row = rows.get((target.spec, target.weights))
-        todo = missing_metrics(row, evaluator.metrics, settings)
-        if not todo:
-            log.info(
-                "[%d/%d] %s (%s): already in the table",
-                n,
-                len(targets),
-                target.spec,
-                target.weights,
-            )
+        row = _evaluate_target(evaluator, target, rows, settings, (n, len(targets)))
+        if row is None:
             continue
-        weights = load_weights(target.spec, ema=target.weights == "ema")
-        log.info(
-            "[%d/%d] %s (%s weights, step %s): %s",
-            n,
-            len(targets),
-            weights.source,
-            weights.weights,
-            weights.step,
-            ", ".join(todo),
-        )
-        values = evaluator.evaluate(weights, settings, todo)
-        kept = {k: v for k, v in (row or {}).items() if not _is_column_of(k, todo)}
-        merged = {**kept, **describe(weights), **values}
-        rows[row_key(merged)] = merged
+        rows[row_key(row)] = row
         if env.rank == 0:
             write_table(out_dir, list(rows.values()))
         distributed.barrier()
     if env.rank == 0 and not (out_dir / "table.json").is_file():
         write_table(out_dir, list(rows.values()))
     return sorted(rows.values(), key=row_order)
+
+
+def _checked_choices(args: argparse.Namespace, metrics: list[str]) -> list[str]:
+    """The --weights kinds, after checking them and the --metrics against what exists."""
+    bad = [m for m in metrics if m not in METRICS]
+    weights_kinds = [w.strip() for w in args.weights.split(",") if w.strip()]
+    if bad or not metrics:
+        raise CheckpointError(f"--metrics {args.metrics!r}: choose from {', '.join(METRICS)}")
+    if not weights_kinds or any(w not in WEIGHTS for w in weights_kinds):
+        raise CheckpointError(f"--weights {args.weights!r}: choose from {', '.join(WEIGHTS)}")
+    return weights_kinds
+
+
+def _settings_of(first: Target, args: argparse.Namespace) -> EvalSettings:
+    """The settings of the whole evaluation: the command line over the first checkpoint's run
+    config (none for an exported model)."""
+    run_config = read_run_config(first.spec) if first.weights != "exported" else {}
+    return resolve_settings(args, run_config, first.spec)
+
+
+def _evaluate_target(
+    evaluator: Evaluator,
+    target: Target,
+    rows: dict,
+    settings: EvalSettings,
+    position: tuple[int, int],
+) -> dict | None:
+    """The target's updated row, or None when the table already has all its metrics."""
+    # A row's key is what load_weights reports as source and weights: decided before the
+    # (for raw ZeRO-3 weights, costly) load, so a resumed evaluation skips for free.
+    row = rows.get((target.spec, target.weights))
+    todo = missing_metrics(row, evaluator.metrics, settings)
+    if not todo:
+        log.info("[%d/%d] %s (%s): already in the table", *position, target.spec, target.weights)
+        return None
+    weights = load_weights(target.spec, ema=target.weights == "ema")
+    log.info(
+        "[%d/%d] %s (%s weights, step %s): %s",
+        *position,
+        weights.source,
+        weights.weights,
+        weights.step,
+        ", ".join(todo),
+    )
+    values = evaluator.evaluate(weights, settings, todo)
+    return updated_row(row, weights, values, todo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,9 @@
 """FID of generated images against reference images: the same number torch-fidelity gives.
 
+One module: the weights check, the extractor, the statistics and their cache each hold part of
+the agreement with torch-fidelity and are read together; the image-folder reader is the
+reference set's one input helper.
+
 Nothing here reimplements the metric: the feature extractor is torch-fidelity's own
 `FeatureExtractorInceptionV3` (the TF-compatible InceptionV3 with its TF1-style bilinear resize
 to 299 px, "2048" pool features), and the statistics and the Fréchet distance are torch-fidelity's

@@ -15,6 +15,8 @@ Evaluation table: --eval DIR (or DIR/table.json), repeatable; by default RUN/eva
 RUN/../eval are looked at. Rows belong to a run when their checkpoint lies inside it.
 """
 
+# One module for one page: reading the runs, the figures and the HTML that places them.
+
 from __future__ import annotations
 
 import argparse

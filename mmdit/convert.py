@@ -1,5 +1,8 @@
 """Weight conversion between our MMDiT and the formats people already use.
 
+One module: the key maps of the three layouts (ours, diffusers, single-file) are read side
+by side, rule by rule.
+
 - diffusers ``SD3Transformer2DModel`` (``config.json`` + ``diffusion_pytorch_model*.safetensors``)
 - Stability's single-file layout (``model.diffusion_model.joint_blocks.N...`` as in sd3_impls.py)
 

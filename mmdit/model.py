@@ -1,8 +1,8 @@
 """The SD3 MMDiT: a joint-attention diffusion transformer over image patches and text tokens.
 
-One file in the spirit of facebookresearch/DiT: small modules, an explicit initialize_weights(),
-no framework hooks. It computes the same function as diffusers' SD3Transformer2DModel (see
-mmdit/convert.py for the weight mapping) with less work:
+One file (so one module of ~600 lines) in the spirit of facebookresearch/DiT: small modules,
+an explicit initialize_weights(), no framework hooks. It computes the same function as
+diffusers' SD3Transformer2DModel (see mmdit/convert.py for the weight mapping) with less work:
 - one fused qkv projection per stream and one attention call over [image; text];
 - SiLU of the conditioning vector once per forward, not once per adaLN linear;
 - modulate and gated residuals as single addcmul ops;

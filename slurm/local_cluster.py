@@ -1,5 +1,8 @@
 """A real Slurm cluster on the local machine (one node, or two), for tests and demos.
 
+One module, one class: the daemons' directories, ports, configs, start and stop order share
+the root layout below, and it imports nothing from the project (the tests start it alone).
+
 Debian's ``slurm-wlm``, ``munge``, ``slurmdbd`` and ``mariadb-server`` (``make slurm-deps``)
 are started directly -- no systemd -- with every file under one root directory::
 
@@ -317,6 +320,20 @@ class LocalSlurmCluster:
         return self.daemons[len(DAEMONS) - 1 :]
 
     def _write_config(self) -> None:
+        """The directories, the munge key, free ports, a job-id block and the two configs."""
+        self._make_dirs()
+        self._write_munge_key()
+        ctld_port, dbd_port, db_port, *slurmd_ports = _free_ports(3 + len(self.slurmds))
+        self.ports = {"slurmctld": ctld_port, "slurmdbd": dbd_port, "mariadb": db_port}
+        self.ports.update(zip(self.slurmds, slurmd_ports, strict=True))
+        self.first_job_id = pick_first_job_id(_running_first_job_ids())
+        self.slurm_conf.write_text(self._slurm_conf_text(ctld_port, dbd_port, slurmd_ports))
+        (self.etc / "plugstack.conf").write_text("")
+        dbd = self.etc / "slurmdbd.conf"
+        dbd.write_text(self._slurmdbd_conf_text(dbd_port, db_port))
+        dbd.chmod(0o600)  # slurmdbd refuses a world-readable config (it holds a password)
+
+    def _make_dirs(self) -> None:
         for d in (self.etc, self.run_dir, self.log_dir, self.state_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)
@@ -325,14 +342,13 @@ class LocalSlurmCluster:
         for sub in ("slurmctld", *self.slurmds):
             (self.state_dir / sub).mkdir(exist_ok=True)
 
+    def _write_munge_key(self) -> None:
         key = self.etc / "munge.key"
         if not key.exists():
             key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
 
-        ctld_port, dbd_port, db_port, *slurmd_ports = _free_ports(3 + len(self.slurmds))
-        self.ports = {"slurmctld": ctld_port, "slurmdbd": dbd_port, "mariadb": db_port}
-        self.ports.update(zip(self.slurmds, slurmd_ports, strict=True))
+    def _slurm_conf_text(self, ctld_port: int, dbd_port: int, slurmd_ports: list[int]) -> str:
         # One node: the files of its slurmd as before. Two: each slurmd has its own port,
         # spool, pid and log file (%n: the node name).
         slurmd = self.slurmds[0] if len(self.slurmds) == 1 else "slurmd-%n"
@@ -341,9 +357,8 @@ class LocalSlurmCluster:
             f"CPUs={self.cpus} State=UNKNOWN"
             for name, port in zip(self.node_names, slurmd_ports, strict=True)
         )
-        self.first_job_id = pick_first_job_id(_running_first_job_ids())
         r, munge = self.root, self.munge_socket
-        slurm_conf = f"""\
+        return f"""\
 # Written by slurm/local_cluster.py: a {len(self.node_names)}-node cluster under {r}. No cgroups.
 ClusterName={self.cluster_name}
 SlurmctldHost=localhost(127.0.0.1)
@@ -395,12 +410,11 @@ JobCompType=jobcomp/none
 PartitionName={self.partition} Nodes={",".join(self.node_names)} Default=YES MaxTime=INFINITE \
 State=UP
 """
-        self.slurm_conf.write_text(slurm_conf)
-        (self.etc / "plugstack.conf").write_text("")
-        dbd = self.etc / "slurmdbd.conf"
-        dbd.write_text(f"""\
+
+    def _slurmdbd_conf_text(self, dbd_port: int, db_port: int) -> str:
+        return f"""\
 AuthType=auth/munge
-AuthInfo=socket={munge}
+AuthInfo=socket={self.munge_socket}
 DbdHost=localhost
 DbdAddr=127.0.0.1
 DbdPort={dbd_port}
@@ -414,8 +428,7 @@ StoragePort={db_port}
 StorageUser=slurm
 StoragePass=slurm
 StorageLoc=slurm_acct_db
-""")
-        dbd.chmod(0o600)  # slurmdbd refuses a world-readable config (it holds a password)
+"""
 
     def _daemon_env(self) -> dict[str, str]:
         # A cluster started from inside a Slurm job must not inherit that job's SLURM_* vars.

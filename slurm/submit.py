@@ -28,6 +28,9 @@ included) and sets the exit status: 0 COMPLETED, 1 ended in another state (FAILE
 CANCELLED, ...), 2 not submitted, 3 still not final after --wait-timeout (the job goes on).
 """
 
+# One module for one command: its checks (run dir, memory plan), the sbatch rendering and the
+# submission all read the same arguments and job; the ladder of runs is slurm/ladder.py.
+
 from __future__ import annotations
 
 import argparse

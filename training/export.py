@@ -134,31 +134,15 @@ def export(
     from mmdit import convert
     from mmdit import lora as lora_weights
     from mmdit.typed_config import dumps_json
-    from training.pipeline_export import LINKS
 
-    if fmt not in FORMATS:
-        raise ExportError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    if dtype not in DTYPES:
-        raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    if link not in LINKS:
-        raise ExportError(f"--link {link!r}: expected one of {', '.join(LINKS)}")
+    _check_options(fmt, dtype, link)
     out = Path(out)
     if out.exists() and not overwrite:
         raise ExportError(f"--out {out} exists; pass --overwrite to replace it")
     step_dir = resolve_checkpoint(checkpoint)
     step = json.loads((step_dir / MANIFEST).read_text())["step"]
     scale = lora_scale_of(step_dir)
-    if scale is None and (merge_lora or fmt == "diffusers-lora"):
-        what = "--merge-lora" if merge_lora else "--format diffusers-lora"
-        raise ExportError(
-            f"{what}: checkpoint {step_dir} has no LoRA (its lora.rank is 0); export its "
-            "weights without it"
-        )
-    if scale is not None and fmt != "diffusers-lora" and not merge_lora:
-        raise ExportError(
-            f"checkpoint {step_dir} is a LoRA run: pass --merge-lora to write base + LoRA "
-            "merged weights, or --format diffusers-lora to write the adapters alone"
-        )
+    _check_lora_use(step_dir, scale is not None, fmt, merge_lora)
     lora = None
     if scale is None:
         config, sd = load_checkpoint_weights(step_dir, ema=ema)
@@ -207,6 +191,32 @@ def export(
     with torch.device("meta"):
         num_params = sum(p.numel() for p in MMDiT(config, initialize=False).parameters())
     return ExportResult(out, files, step, weights, dtype, num_tensors, num_params)
+
+
+def _check_options(fmt: str, dtype: str, link: str) -> None:
+    from training.pipeline_export import LINKS
+
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if link not in LINKS:
+        raise ExportError(f"--link {link!r}: expected one of {', '.join(LINKS)}")
+
+
+def _check_lora_use(step_dir: Path, has_lora: bool, fmt: str, merge_lora: bool) -> None:
+    """A LoRA run exports merged (--merge-lora) or as adapters; any other run neither."""
+    if not has_lora and (merge_lora or fmt == "diffusers-lora"):
+        what = "--merge-lora" if merge_lora else "--format diffusers-lora"
+        raise ExportError(
+            f"{what}: checkpoint {step_dir} has no LoRA (its lora.rank is 0); export its "
+            "weights without it"
+        )
+    if has_lora and fmt != "diffusers-lora" and not merge_lora:
+        raise ExportError(
+            f"checkpoint {step_dir} is a LoRA run: pass --merge-lora to write base + LoRA "
+            "merged weights, or --format diffusers-lora to write the adapters alone"
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,24 +47,25 @@ memory is an upper bound by construction). Model states are DeepSpeed's own form
 has not yet been compared with torch.cuda.max_memory_reserved on a GPU; expect it within ~10%.
 """
 
+# One module for the plan, its advice and its table (they read the same Components and
+# ModeFits); the numbers come from training/zero_memory.py and training/activation_memory.py.
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from data_pipeline.buckets import bucket_families, micro_batch_for
-from mmdit.flops import block_param_counts, largest_block_params, param_counts
-from mmdit.model import MMDiTConfig
+from mmdit.flops import largest_block_params, param_counts
 from mmdit.typed_config import ConfigError, add_config_arguments, config_from_args
+from training.activation_memory import activation_bytes, shape_notes, tokens_per_sample
 from training.config import RunConfig
 from training.ds_config import accumulation_steps, zero_section
+from training.zero_memory import blocks_in_flight, host_bytes_per_node, zero_model_states
 
 GIB = 2**30
 # Memory of one GPU by name (GiB as the card is sold; the CUDA context line below covers what
@@ -80,30 +81,9 @@ GPUS: dict[str, float] = {
 CUDA_CONTEXT_BYTES = 1 * GIB
 LIBRARY_WORKSPACE_BYTES = GIB // 2  # NCCL communicator buffers, cuBLAS workspaces
 ALLOCATOR_MARGIN = 0.10
-DS_BUFFER_FACTOR = 1.5  # DeepSpeed's default additional_buffer_factor (host memory only)
-CLIP_TOKENS = 77
-VAE_FACTOR = 8
-# Batch tensors per latent element (16 channels x patch 2 x 2 = 64 per image token): the cached
-# posterior mean and log-variance, the sampled latents, the noise and the interpolant in fp32,
-# and the interpolant cast to bf16; per context element one more bf16 copy than the block
-# stores (the text dropout's output next to the loader's batch).
-BATCH_BYTES_PER_LATENT_ELEMENT = 5 * 4 + 2
-BATCH_BYTES_PER_CONTEXT_ELEMENT = 2
-TABLE_PATH = Path(__file__).with_name("activation_memory.json")
 # Recompute cost, cheapest first: the attention sublayer (qkv, kernel, output projection) is
 # about 4 h^2 + 4 N h FLOPs per token, the MLP 8 h^2, the whole block all of it.
 MODES_BY_COST = ("none", "attention", "mlp", "block")
-
-
-@functools.cache
-def activation_table(path: Path = TABLE_PATH) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{path}: the activation table is missing; run "
-            "`python bench/activation_memory.py` from a checkout to measure it"
-        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,240 +282,9 @@ def model_state_components(
     return parts
 
 
-def zero_model_states(config: RunConfig, world: int) -> tuple[int, str]:
-    """(bytes per GPU, where the number comes from): DeepSpeed's estimator where one exists."""
-    train = config.train
-    params = param_counts(config.model)["total"]
-    block = largest_block_params(config.model)
-    nodes, per_node = node_layout(config, world)
-    # DeepSpeed's stage-3 estimator knows parameter offload only together with optimizer offload.
-    estimated = train.offload_optimizer or not train.offload_params
-    if train.precision == "bf16" and train.zero_stage == 3 and estimated:
-        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-
-        _, gpu, _ = estimate_zero3_model_states_mem_needs(
-            params,
-            block,
-            per_node,
-            nodes,
-            cpu_offload=train.offload_optimizer,
-            cpu_offload_params=train.offload_params,
-            zero_init=True,
-            additional_buffer_factor=DS_BUFFER_FACTOR,
-        )
-        per_param = 18 if not train.offload_optimizer else (0 if train.offload_params else 2)
-        return gpu, (
-            f"DeepSpeed estimate_zero3_model_states_mem_needs: {per_param} B x "
-            f"{params / 1e6:.0f}M parameters / {world} GPUs + 4 B x the largest block "
-            f"({block / 1e6:.0f}M)"
-        )
-    if train.precision == "bf16" and train.zero_stage == 2:
-        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
-        _, gpu = estimate_zero2_model_states_mem_needs(
-            params, per_node, nodes, train.offload_optimizer, DS_BUFFER_FACTOR
-        )
-        per_param = "2 B x P" if train.offload_optimizer else "2 B x P + 18 B x P / N"
-        return gpu, (
-            f"DeepSpeed estimate_zero2_model_states_mem_needs: {per_param} (P = "
-            f"{params / 1e6:.0f}M parameters, N = {world} GPUs)"
-        )
-    return written_out_model_states(config, world), (
-        f"no DeepSpeed estimator for ZeRO-{train.zero_stage} {train.precision}"
-        + (" with params offloaded alone" if train.offload_params else "")
-        + f": {written_out_rule(config)}"
-    )
-
-
-def written_out_model_states(config: RunConfig, world: int) -> int:
-    """DeepSpeed's accounting written out for any stage, precision and offload.
-
-    Per parameter, with w = 2 bytes (bf16) or 4 (fp32) for the model's own copies: weights w
-    and gradients w, plus the optimizer's fp32 gradient copy 4, fp32 master weights 4 and Adam
-    moments 8 (16 bytes, on the CPU when the optimizer is offloaded). ZeRO-1 partitions the
-    optimizer's 16, ZeRO-2 also the gradients, ZeRO-3 also the weights (+ one gathered block's
-    weights and gradients, 2 w x the block). At w = 2 this is DeepSpeed's estimators exactly:
-    stage 2: 2 P + 18 P / N (2 P with offload); stage 3: 4 B + 18 P / N (4 B + 2 P / N with
-    optimizer offload, 4 B with parameter offload too).
-    """
-    train = config.train
-    p = param_counts(config.model)["total"]
-    block = largest_block_params(config.model)
-    w = 2 if train.precision == "bf16" else 4
-    optimizer = 0 if train.offload_optimizer else 16
-    if train.zero_stage == 1:
-        # ZeRO-1 keeps every gradient whole until the optimizer step, offloaded or not.
-        return w * p + w * p + math.ceil(optimizer * p / world)
-    if train.zero_stage == 2:
-        grads = 0 if train.offload_optimizer else w  # offloaded with the optimizer's partition
-        return w * p + math.ceil((grads + optimizer) * p / world)
-    weights = 0 if train.offload_params else w
-    # ZeRO-3 reduces each block's gradients straight into the optimizer's fp32 partition.
-    return 2 * w * block + math.ceil((weights + optimizer) * p / world)
-
-
-def written_out_rule(config: RunConfig) -> str:
-    w = 2 if config.train.precision == "bf16" else 4
-    return (
-        f"weights {w} B + gradients {w} B + fp32 gradient copy, master weights and Adam "
-        "16 B per parameter, partitioned as the stage partitions them"
-    )
-
-
-def node_layout(config: RunConfig, world: int) -> tuple[int, int]:
-    """(nodes, GPUs per node) for DeepSpeed's estimators, from launch when it matches."""
-    per_node = config.launch.gpus_per_node
-    if world % per_node == 0:
-        return world // per_node, per_node
-    return 1, world
-
-
-def host_bytes_per_node(config: RunConfig, world: int) -> int:
-    """DeepSpeed's CPU-memory estimate per node (with its 1.5x buffer), plus our offloaded EMA."""
-    train = config.train
-    params = param_counts(config.model)["total"]
-    nodes, per_node = node_layout(config, world)
-    if train.zero_stage == 3:
-        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-
-        cpu, _, _ = estimate_zero3_model_states_mem_needs(
-            params,
-            largest_block_params(config.model),
-            per_node,
-            nodes,
-            cpu_offload=train.offload_optimizer,
-            cpu_offload_params=train.offload_params and train.offload_optimizer,
-            zero_init=True,
-            additional_buffer_factor=DS_BUFFER_FACTOR,
-        )
-    else:
-        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
-        cpu, _ = estimate_zero2_model_states_mem_needs(
-            params, per_node, nodes, train.offload_optimizer, DS_BUFFER_FACTOR
-        )
-    ema = 4 * params * per_node / world if train.offload_optimizer else 0
-    return int(cpu + ema)
-
-
-def blocks_in_flight(config: RunConfig, zero: dict, mode: str, every: int) -> int:
-    """Gathered blocks beyond the one computing when the backward pass starts: the prefetched
-    next block, plus the blocks DeepSpeed did not release after their forward because each
-    comes back within stage3_max_reuse_distance parameters of module calls (the later blocks'
-    forward, the final layer both ways, the later blocks' backward and, in block mode, their
-    recomputation)."""
-    model = config.model
-    reuse = zero["stage3_max_reuse_distance"]
-    modes = checkpoint_modes(model.depth, mode, every)
-    distance = 2 * param_counts(model)["final_layer"]
-    kept = 0
-    for i in reversed(range(model.depth)):
-        if distance >= reuse:
-            break
-        kept += 1
-        distance += sum(block_param_counts(model, i)) * (3 if modes[i] == "block" else 2)
-    # DeepSpeed's estimate already holds one gathered block (the one computing); the prefetched
-    # next one takes its place in the count when none is kept.
-    return max(kept, 1)
-
-
 # --------------------------------------------------------------------------------------------
-# Activations
+# Activations (computed in training/activation_memory.py)
 # --------------------------------------------------------------------------------------------
-
-
-def tokens_per_sample(config: RunConfig) -> tuple[int, int]:
-    """(image tokens of the largest aspect bucket, text tokens).
-
-    With several data.resolutions the heaviest micro batch decides: family r holds
-    micro_batch_for(r) samples instead of train.micro_batch_size, so its largest bucket counts
-    as that many / micro_batch_size samples' worth of tokens (rounded up)."""
-    p = config.model.patch_size * VAE_FACTOR
-    families = bucket_families(config.data)
-    micro, base = config.train.micro_batch_size, families.resolutions[0]
-    image = max(
-        -(-micro_batch_for(r, micro, base) * max((h // p) * (w // p) for h, w in buckets) // micro)
-        for r, buckets in families.families
-    )
-    return image, CLIP_TOKENS + config.conditioning.t5_max_length
-
-
-def checkpoint_modes(depth: int, mode: str, every: int) -> list[str]:
-    """What each block recomputes, as MMDiT.set_activation_checkpointing sets it."""
-    return [mode if i % every == 0 else "none" for i in range(depth)]
-
-
-def block_rate(model: MMDiTConfig, index: int, mode: str, what: str) -> tuple[float, float]:
-    """(bytes per image token, bytes per text token) of block `index` from the table."""
-    table = activation_table()["blocks"]["rms_norm" if model.qk_norm == "rms_norm" else "none"]
-    last, dual = index == model.depth - 1, index in model.dual_attention_layers
-    kind = "last" if last else ("dual" if dual else "joint")
-    image, text = _rates(table[kind][mode][what], model.hidden_size)
-    if last and dual:  # the last block with a second attention: add what dual adds
-        d_img, _ = _rates(table["dual"][mode][what], model.hidden_size)
-        j_img, _ = _rates(table["joint"][mode][what], model.hidden_size)
-        image += d_img - j_img
-    return image, text
-
-
-def _rates(coefs: dict, hidden: int) -> tuple[float, float]:
-    def per_token(c: dict) -> float:
-        return c["per_hidden"] * hidden + c["constant"]
-
-    if "image" in coefs:
-        return per_token(coefs["image"]), per_token(coefs["text"])
-    return per_token(coefs), per_token(coefs)
-
-
-@dataclass(frozen=True)
-class Activations:
-    """Activation bytes of one GPU's micro batch at the peak of the step."""
-
-    stored_in_blocks: int
-    stored_outside: int  # embedders, final layer, loss
-    backward_working: int  # beyond the stored bytes, while the worst block runs backward
-    batch_tensors: int
-
-    @property
-    def peak(self) -> int:
-        return (
-            self.stored_in_blocks + self.stored_outside + self.backward_working + self.batch_tensors
-        )
-
-
-def activation_bytes(
-    config: RunConfig, micro_batch: int, mode: str, every: int, *, gpu_kernels: bool = True
-) -> Activations:
-    """From the measured table; `gpu_kernels=False` leaves out the GPU attention kernel's
-    workspace (to compare with a CPU run)."""
-    model = config.model
-    n_img, n_txt = tokens_per_sample(config)
-    scale = 2 if config.train.precision == "fp32" else 1
-    # FlashAttention-2's backward accumulates dq in fp32 (B, N, H, Dh) plus a (B, H, N) fp32
-    # softmax term, allocated inside the kernel where the table's measurement cannot see it.
-    workspace = 4 * model.hidden_size + 4 * model.num_heads if gpu_kernels else 0
-    stored, peak = [], []
-    for i, block_mode in enumerate(checkpoint_modes(model.depth, mode, every)):
-        s_img, s_txt = block_rate(model, i, block_mode, "stored")
-        e_img, e_txt = block_rate(model, i, block_mode, "backward_extra")
-        stored.append(scale * micro_batch * (n_img * s_img + n_txt * s_txt))
-        extra = scale * (n_img * e_img + n_txt * e_txt) + (n_img + n_txt) * workspace
-        peak.append(stored[-1] + micro_batch * extra)
-    # The backward pass frees each block's activations after its backward: while block i runs
-    # backward, the blocks below it still hold theirs.
-    backward_peak = max(sum(stored[:i]) + peak[i] for i in range(model.depth))
-    out_img, out_txt = _rates(activation_table()["outside"]["stored"], model.hidden_size)
-    latent_elements = model.in_channels * model.patch_size**2
-    return Activations(
-        stored_in_blocks=int(sum(stored)),
-        stored_outside=int(scale * micro_batch * (n_img * out_img + n_txt * out_txt)),
-        backward_working=int(max(0, backward_peak - sum(stored))),
-        batch_tensors=micro_batch
-        * (
-            n_img * latent_elements * BATCH_BYTES_PER_LATENT_ELEMENT
-            + n_txt * model.context_dim * BATCH_BYTES_PER_CONTEXT_ELEMENT
-        ),
-    )
 
 
 def activation_components(
@@ -567,34 +316,6 @@ def activation_components(
             "batch tensors", act.batch_tensors, "latents, noise, interpolant (fp32); context (bf16)"
         ),
     ]
-
-
-def shape_notes(config: RunConfig) -> list[str]:
-    """Where the config leaves the shapes the activation table was measured at."""
-    model, rule = config.model, activation_table()["shape_rule"]
-    notes = []
-    for name, measured in (
-        ("head_dim", rule["head_dim"]),
-        ("mlp_ratio", rule["mlp_ratio"]),
-        ("patch_size", rule["patch_size"]),
-        ("in_channels", rule["in_channels"]),
-        ("context_dim", rule["context_dim"]),
-    ):
-        if getattr(model, name) != measured:
-            notes.append(
-                f"model.{name}={getattr(model, name)}: the activation table was measured at "
-                f"{measured}; activations are extrapolated"
-            )
-    if model.attention_backend == "sdpa_math":
-        notes.append(
-            "attention_backend=sdpa_math stores the N x N attention matrix, which the table "
-            "(flash-style kernels) does not count; use sdpa"
-        )
-    if config.train.compile:
-        notes.append("train.compile: torch.compile may store less than the eager table says")
-    if config.train.precision == "fp32":
-        notes.append("precision fp32: activations are the bf16 table doubled (approximate)")
-    return notes
 
 
 # --------------------------------------------------------------------------------------------

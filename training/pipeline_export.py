@@ -173,20 +173,11 @@ def _last_metrics(run_dir: Path, step: int, keys: tuple[str, ...]) -> dict[str, 
 
 def model_card(step_dir: Path, config: MMDiTConfig, weights: str, merged: bool) -> str:
     """README.md for an exported pipeline: what was trained, on what, for how long."""
-    from mmdit.checkpoints import CONFIG_FILE, client_file_name, read_manifest, read_run_config
-    from mmdit.flops import param_counts, sample_tokens, train_flops_per_sample
+    from mmdit.checkpoints import CONFIG_FILE, read_run_config
 
     run = read_run_config(step_dir)
-    step = int(read_manifest(step_dir)["step"])
     run_dir = step_dir.parent.parent
-    client = step_dir / client_file_name(0)
-    global_batch = json.loads(client.read_text()).get("global_batch") if client.is_file() else None
-    data = run.get("data") or {}
     cond = run.get("conditioning") or {}
-    lora = run.get("lora") or {}
-    resolution, t5_max_length = int(data.get("resolution", 256)), int(cond.get("t5_max_length", 77))
-    image_tokens, text_tokens = sample_tokens(config, resolution, t5_max_length)
-    params = param_counts(config)["total"]
     lines = [
         f"# {run_dir.name}",
         "",
@@ -200,6 +191,39 @@ def model_card(step_dir: Path, config: MMDiTConfig, weights: str, merged: bool) 
         "  # the T5 length this model was trained with",
         "```",
         "",
+        *_card_training(step_dir, run, config, weights, merged),
+        "",
+        "## Evaluation",
+        "",
+        *_card_evaluation(step_dir, run_dir),
+        "",
+        f"## Training config (`{CONFIG_FILE}` of the checkpoint)",
+        "",
+        "```yaml",
+        (step_dir / CONFIG_FILE).read_text().rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _card_training(
+    step_dir: Path, run: dict, config: MMDiTConfig, weights: str, merged: bool
+) -> list[str]:
+    """The card's Training section: checkpoint, model, LoRA, steps, compute, data, sampling."""
+    from mmdit.checkpoints import client_file_name, read_manifest
+    from mmdit.flops import param_counts, sample_tokens, train_flops_per_sample
+
+    step = int(read_manifest(step_dir)["step"])
+    client = step_dir / client_file_name(0)
+    global_batch = json.loads(client.read_text()).get("global_batch") if client.is_file() else None
+    data = run.get("data") or {}
+    cond = run.get("conditioning") or {}
+    lora = run.get("lora") or {}
+    resolution, t5_max_length = int(data.get("resolution", 256)), int(cond.get("t5_max_length", 77))
+    image_tokens, text_tokens = sample_tokens(config, resolution, t5_max_length)
+    params = param_counts(config)["total"]
+    lines = [
         "## Training",
         "",
         f"- checkpoint: `{step_dir}` (step {step}, {weights} weights)",
@@ -232,10 +256,16 @@ def model_card(step_dir: Path, config: MMDiTConfig, weights: str, merged: bool) 
         f" CFG {run.get('eval', {}).get('cfg_scale')}; the scheduler's shift is "
         f"{pipeline_shift(run, config):g} (the run's sampling shift at "
         f"{config.sample_size * 8} px)",
-        "",
-        "## Evaluation",
-        "",
     ]
+    return lines
+
+
+def _card_evaluation(step_dir: Path, run_dir: Path) -> list[str]:
+    """The card's Evaluation section: the last logged metrics and any mmdit-eval tables."""
+    from mmdit.checkpoints import read_manifest
+
+    step = int(read_manifest(step_dir)["step"])
+    lines = []
     logged = _last_metrics(run_dir, step, ("loss", "val_loss", "fid", "clip_score"))
     tables = sorted(run_dir.glob("eval*/table.json"))
     if not logged and not tables:
@@ -244,13 +274,4 @@ def model_card(step_dir: Path, config: MMDiTConfig, weights: str, merged: bool) 
         lines.append(f"- {key}: {value:.5g} (step {at}, RUN/metrics.jsonl)")
     for table in tables:
         lines += ["", f"`{table.relative_to(run_dir)}`:", "", "```json", table.read_text(), "```"]
-    lines += [
-        "",
-        f"## Training config (`{CONFIG_FILE}` of the checkpoint)",
-        "",
-        "```yaml",
-        (step_dir / CONFIG_FILE).read_text().rstrip(),
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+    return lines

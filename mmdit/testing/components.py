@@ -249,7 +249,7 @@ def make_tiny_components(
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmdit-make-tiny-components",
         description=(
@@ -309,6 +309,11 @@ def main(argv: list[str] | None = None) -> int:
         default=VAE_FIT_BATCH_SIZE,
         help=f"images per step (default: {VAE_FIT_BATCH_SIZE})",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     fit_vae = None
     if args.fit_vae is not None:

@@ -14,8 +14,8 @@ from data_pipeline.cache_format import (
     encode_tensors,
     load_empty_prompt,
 )
+from data_pipeline.cache_info import make_layout
 from data_pipeline.precompute import main as precompute_main
-from data_pipeline.precompute import make_layout
 from mmdit.conditioning import TextEncoders
 from tests.data_pipeline.conftest import good_members, make_tar
 

@@ -13,9 +13,9 @@ import torch
 from data_pipeline import build_loader
 from data_pipeline.buckets import buckets_for, decode_to_bucket
 from data_pipeline.cache_format import apply_text_dropout, load_empty_prompt
+from data_pipeline.cache_writer import crop_rng
 from data_pipeline.config import DataConfig
 from data_pipeline.images import image_to_tensor
-from data_pipeline.precompute import crop_rng
 from data_pipeline.precompute import main as precompute_main
 from data_pipeline.tar_samples import iter_samples
 from mmdit.conditioning import VAE, StaleEmbeddingsError, TextEncoders, conditioning_identity

@@ -18,9 +18,10 @@ from data_pipeline.cache_format import (
     CacheInfo,
     decode_tensors,
 )
+from data_pipeline.cache_writer import crop_rng
 from data_pipeline.config import DataConfig
 from data_pipeline.images import image_to_tensor
-from data_pipeline.precompute import crop_rng, load_config, main
+from data_pipeline.precompute import load_config, main
 from data_pipeline.tar_samples import iter_samples
 from mmdit.conditioning import VAE, TextEncoders, conditioning_identity
 from tests.data_pipeline.image_bytes import encode

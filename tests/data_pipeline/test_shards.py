@@ -12,7 +12,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data_pipeline import shards
+from data_pipeline import shard_writer
 from data_pipeline.shards import main
 from tests.data_pipeline.conftest import EXPECTED_FAULTY, EXPECTED_FAULTY_SAMPLES
 
@@ -135,7 +135,7 @@ def test_write_reencode_jpg_and_prefix(tmp_path, image_folder):
 
 
 def test_write_is_atomic_per_shard(tmp_path, image_folder, monkeypatch):
-    real = shards._encode_item
+    real = shard_writer._encode_item
     calls = {"n": 0}
 
     def crash_on_fourth(item, reencode):
@@ -144,7 +144,7 @@ def test_write_is_atomic_per_shard(tmp_path, image_folder, monkeypatch):
             raise KeyboardInterrupt
         return real(item, reencode)
 
-    monkeypatch.setattr(shards, "_encode_item", crash_on_fourth)
+    monkeypatch.setattr(shard_writer, "_encode_item", crash_on_fourth)
     out = tmp_path / "out"
     good_only = tmp_path / "good"
     good_only.mkdir()

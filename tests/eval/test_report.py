@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval.evaluate import write_table
 from eval.report import main, read_run
+from eval.table import write_table
 from training.metrics_log import MetricsLogger
 
 STEPS = (10, 20, 30, 40)

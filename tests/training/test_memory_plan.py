@@ -27,18 +27,10 @@ from mmdit.conditioning.config import ConditioningConfig
 from mmdit.flops import largest_block_params, param_counts
 from mmdit.model import CHECKPOINT_MODES, MMDiT, MMDiTConfig
 from mmdit.typed_config import load
+from training.activation_memory import activation_bytes, tokens_per_sample
 from training.config import LaunchConfig, RunConfig, TrainConfig
-from training.memory_plan import (
-    GIB,
-    MODES_BY_COST,
-    activation_bytes,
-    main,
-    model_state_components,
-    plan,
-    tokens_per_sample,
-    written_out_model_states,
-    zero_model_states,
-)
+from training.memory_plan import GIB, MODES_BY_COST, main, model_state_components, plan
+from training.zero_memory import written_out_model_states, zero_model_states
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from mmdit import typed_config
+from training.activation_memory import tokens_per_sample
 from training.config import RunConfig
-from training.memory_plan import tokens_per_sample
 
 
 def _tokens(*overrides: str) -> int:
