@@ -105,7 +105,7 @@ def ours_rate(config: DataConfig, samples: int, batch: int) -> float:
     loader = build_loader(config, 0, 1, batch_size=batch)
     start, seen = time.perf_counter(), 0
     for b in loader:
-        seen += len(b["keys"])
+        seen += len(b)
         if seen >= samples:
             break
     return seen / (time.perf_counter() - start)

@@ -17,17 +17,17 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from data_pipeline.bad_samples import BadSample, BadSampleCounter
-from data_pipeline.buckets import bucket_families
+from data_pipeline.batches import Batch, Sample, collate
+from data_pipeline.buckets import Bucket, bucket_families
 from data_pipeline.cache_format import CACHE_INFO
 from data_pipeline.config import DataConfig
-from data_pipeline.loader import collate, decode_item
+from data_pipeline.decode import ShardKind, decode_item
 from data_pipeline.tar_samples import expand_shards, iter_samples
 
 
-def shard_mode(shards: str) -> Literal["images", "latents"]:
+def shard_mode(shards: str) -> ShardKind:
     """ "latents" for precomputed cache shards (their folder has the cache info), else
     "images"."""
     urls = expand_shards(shards)
@@ -39,14 +39,22 @@ def shard_mode(shards: str) -> Literal["images", "latents"]:
 @dataclass(frozen=True)
 class EvalItem:
     index: int  # global position in the ordered pass
-    item: dict  # decode_item's output: image or cached tensors, key, caption, bucket, ...
+    item: Sample  # an ImageSample or a LatentSample, as the shards hold
+
+
+@dataclass(frozen=True)
+class IndexedBatch:
+    """A held-out batch and the global positions of its samples in the ordered pass."""
+
+    indices: list[int]
+    batch: Batch
 
 
 def eval_items(
     config: DataConfig,
     shards: str,
     *,
-    mode: Literal["images", "latents"],
+    mode: ShardKind,
     rank: int = 0,
     world_size: int = 1,
     limit: int | None = None,
@@ -81,23 +89,22 @@ def eval_batches(
     config: DataConfig,
     shards: str,
     *,
-    mode: Literal["images", "latents"],
+    mode: ShardKind,
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
     limit: int | None = None,
     counter: BadSampleCounter | None = None,
-) -> Iterator[dict]:
+) -> Iterator[IndexedBatch]:
     """eval_items grouped into batches of one bucket each (a bucket's batch is emitted when it
-    is full, the rest at the end); each batch has "indices", the items' global positions."""
+    is full, the rest at the end), each with the items' global positions."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
-    pending: dict[tuple, list[EvalItem]] = defaultdict(list)
+    pending: dict[Bucket, list[EvalItem]] = defaultdict(list)
 
-    def emit(entries: list[EvalItem]) -> dict:
-        batch = collate([e.item for e in entries], mode, [0] * len(entries))
-        batch["indices"] = [e.index for e in entries]
-        return batch
+    def emit(entries: list[EvalItem]) -> IndexedBatch:
+        batch = collate([e.item for e in entries], [0] * len(entries))
+        return IndexedBatch([e.index for e in entries], batch)
 
     for entry in eval_items(
         config,
@@ -108,7 +115,7 @@ def eval_batches(
         limit=limit,
         counter=counter,
     ):
-        queue = pending[tuple(entry.item["bucket"])]
+        queue = pending[entry.item.bucket]
         queue.append(entry)
         if len(queue) == batch_size:
             yield emit(queue)

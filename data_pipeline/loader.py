@@ -15,7 +15,9 @@ buffer (seeded per slot), are decoded and cropped (random crops seeded by the sa
 shard and index), and wait in per-bucket queues until a bucket has a full batch. Because no
 worker ever runs dry, torch's DataLoader hands out batches in strict worker round-robin. With
 several resolutions (data.resolutions) a bucket's batch is full at its family's micro batch
-(data_pipeline.buckets.micro_batch_for), so batches of different families differ in size.
+(data_pipeline.buckets.micro_batch_for), so batches of different families differ in size. A
+batch is typed by its source (data_pipeline.batches): an ImageBatch from raw image shards, a
+LatentBatch from cache shards (data.cache_shards).
 
 Exact resume. Every batch carries its worker's state right after that batch: epoch, shard and
 sample cursor, the shuffle buffer and bucket queues as sample *references* (epoch, shard,
@@ -29,27 +31,25 @@ needs the same world size and worker count (the slots depend on both).
 
 from __future__ import annotations
 
-import json
 import random
 from array import array
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.bad_samples import REASONS, BadSample, BadSampleCounter
-from data_pipeline.buckets import Bucket, bucket_families, decode_to_bucket, micro_batch_for
-from data_pipeline.cache_format import CacheInfo, decode_tensors
+from data_pipeline.batches import Batch, Sample, collate
+from data_pipeline.buckets import Bucket, bucket_families, micro_batch_for
+from data_pipeline.cache_format import CacheInfo
 from data_pipeline.config import DataConfig
-from data_pipeline.images import image_to_tensor
-from data_pipeline.tar_samples import expand_shards, iter_samples, parse_sample
+from data_pipeline.decode import Ref, ShardKind, decode_item
+from data_pipeline.tar_samples import expand_shards, iter_samples
 
 STATE_FORMAT = 1
-Ref = tuple[int, str, int]  # (epoch, shard url, index of the sample in the shard)
 
 
 @dataclass
@@ -129,68 +129,18 @@ def _retries(config: DataConfig) -> dict[str, Any]:
     }
 
 
-def decode_item(
-    config: DataConfig,
-    mode: Literal["images", "latents"],
-    buckets,
-    ref: Ref,
-    sample: dict,
-    crop: Literal["center", "random"] | None = None,
-) -> dict:
-    """A raw sample -> one batch item; raises BadSample to skip it. `crop` overrides
-    config.crop (evaluation always crops the centre)."""
-    epoch, url, index = ref
-    if mode == "latents":
-        key = sample["__key__"]
-        try:
-            info = json.loads(sample["json"])
-            tensors = decode_tensors(sample["safetensors"])
-        except KeyError as e:
-            raise BadSample("corrupt_image", f"{key}: cache sample has no {e} member") from None
-        except Exception as e:  # a damaged member must not stop the run
-            raise BadSample("corrupt_image", f"{key}: unreadable cache sample: {e}") from None
-        return {
-            **tensors,
-            "key": key,
-            "caption": info.get("caption", ""),
-            "bucket": tuple(info["bucket"]),
-            "crop_top_left": tuple(info["crop_top_left"]),
-            "original_size": tuple(info["original_size"]),
-        }
-    meta = parse_sample(sample, caption=config.caption, empty_caption=config.empty_caption)
-    crop_rng = random.Random(f"crop:{config.seed}:{epoch}:{url}:{index}")
-    image, bucket, top_left, original = decode_to_bucket(
-        meta["image_bytes"],
-        buckets,
-        crop or config.crop,
-        crop_rng,
-        min_side=config.bucket_multiple,
-        key=meta["key"],
-    )
-    return {
-        "image": image_to_tensor(image),
-        "key": meta["key"],
-        "caption": meta["caption"],
-        "bucket": bucket,
-        "crop_top_left": top_left,
-        "original_size": original,
-    }
+@dataclass(frozen=True)
+class _WorkerBatch:
+    """A batch as a worker hands it over: with that worker's stream state right after it."""
 
+    batch: Batch
+    worker: int  # the logical worker (see BucketedShardStream.rotation)
+    state: dict[str, Any]  # StreamState's fields as JSON data
 
-def collate(items: list[dict], mode: Literal["images", "latents"], epochs: list[int]) -> dict:
-    """Items of one bucket -> a batch (tensors stacked, keys and captions as lists)."""
-    batch: dict[str, Any] = {
-        "keys": [it["key"] for it in items],
-        "captions": [it["caption"] for it in items],
-        "epochs": epochs,
-        "bucket": items[0]["bucket"],
-        "crop_top_left": torch.tensor([it["crop_top_left"] for it in items]),
-        "original_size": torch.tensor([it["original_size"] for it in items]),
-    }
-    names = ("image",) if mode == "images" else ("mean", "logvar", "context", "pooled")
-    for name in names:
-        batch["images" if name == "image" else name] = torch.stack([it[name] for it in items])
-    return batch
+    def pin_memory(self) -> _WorkerBatch:
+        # DataLoader(pin_memory=True) calls this: the batch's tensors are pinned, the state
+        # (plain data) passes as it is.
+        return replace(self, batch=self.batch.pin_memory())
 
 
 class BucketedShardStream(IterableDataset):
@@ -204,7 +154,7 @@ class BucketedShardStream(IterableDataset):
         world_size: int,
         num_workers: int,
         batch_size: int,
-        mode: Literal["images", "latents"],
+        mode: ShardKind,
     ):
         super().__init__()
         self.config = config
@@ -234,7 +184,7 @@ class BucketedShardStream(IterableDataset):
 
     # -- per-sample work ----------------------------------------------------------------------
 
-    def _item(self, ref: Ref, sample: dict) -> dict:
+    def _item(self, ref: Ref, sample: dict) -> Sample:
         return decode_item(self.config, self.mode, self.buckets, ref, sample)
 
     def batch_size_of(self, bucket: Bucket) -> int:
@@ -288,7 +238,7 @@ class BucketedShardStream(IterableDataset):
             state.epoch += 1
             state.shard_pos = 0
 
-    def _worker_stream(self, logical: int) -> Iterator[dict]:
+    def _worker_stream(self, logical: int) -> Iterator[_WorkerBatch]:
         slot = self.rank * self.num_workers + logical
         state = self.resume.get(logical) or StreamState()
         counter = BadSampleCounter(self.config.max_bad_fraction)
@@ -300,16 +250,18 @@ class BucketedShardStream(IterableDataset):
             state.buffer + [r for refs in state.pending.values() for r in refs], self.config
         )
         buffer: list[tuple[Ref, dict]] = [(r, restored[r]) for r in state.buffer]
-        pending: dict[tuple, list[tuple[Ref, dict]]] = defaultdict(list)
+        pending: dict[Bucket, list[tuple[Ref, Sample]]] = defaultdict(list)
         for refs in state.pending.values():
             for ref in refs:
                 item = self._item(ref, restored[ref])
-                pending[item["bucket"]].append((ref, item))
+                pending[item.bucket].append((ref, item))
 
         def snapshot() -> dict:
-            state.buffer = [ref for ref, _ in buffer]
+            # Refs as lists: the state's JSON form, so a state taken here and one read back from
+            # a checkpoint are equal data (from_dict turns them into tuples again).
+            state.buffer = [list(ref) for ref, _ in buffer]
             state.pending = {
-                f"{b[0]}x{b[1]}": [ref for ref, _ in entries]
+                f"{b[0]}x{b[1]}": [list(ref) for ref, _ in entries]
                 for b, entries in pending.items()
                 if entries
             }
@@ -318,7 +270,7 @@ class BucketedShardStream(IterableDataset):
             # Shallow: the lists above are rebuilt for every snapshot, so nothing is shared.
             return {f.name: getattr(state, f.name) for f in fields(state)}
 
-        def emit(ref: Ref, sample: dict) -> Iterator[dict]:
+        def emit(ref: Ref, sample: dict) -> Iterator[_WorkerBatch]:
             try:
                 item = self._item(ref, sample)
             except BadSample as e:
@@ -326,15 +278,14 @@ class BucketedShardStream(IterableDataset):
                 counter.check()
                 return
             counter.add_good()
-            queue = pending[item["bucket"]]
+            queue = pending[item.bucket]
             queue.append((ref, item))
-            if len(queue) == self.batch_size_of(item["bucket"]):
+            if len(queue) == self.batch_size_of(item.bucket):
                 entries = list(queue)
                 queue.clear()
-                batch = collate([it for _, it in entries], self.mode, [r[0] for r, _ in entries])
+                batch = collate([it for _, it in entries], [r[0] for r, _ in entries])
                 state.batches += 1
-                batch["_loader"] = {"worker": logical, "state": snapshot()}
-                yield batch
+                yield _WorkerBatch(batch, logical, snapshot())
 
         size = max(1, self.config.shuffle_buffer)
         for entry in self._raw(slot, state, counter):
@@ -346,7 +297,7 @@ class BucketedShardStream(IterableDataset):
             if len(buffer) >= size:
                 yield from emit(*buffer.pop(rng.randrange(len(buffer))))
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[_WorkerBatch]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         return self._worker_stream((worker + self.rotation) % self.num_workers)
@@ -363,7 +314,7 @@ class ResumableLoader:
         self._states: dict[int, dict] = {}
         self._consumed = 0
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         # Every new iteration continues from the last consumed batch, never from the start.
         self.stream.resume = {w: StreamState.from_dict(s) for w, s in self._states.items()}
         self.stream.rotation = self._consumed % self.stream.num_workers
@@ -374,11 +325,10 @@ class ResumableLoader:
             pin_memory=self.pin_memory,
             persistent_workers=False,
         )
-        for batch in loader:
-            meta = batch.pop("_loader")
-            self._states[meta["worker"]] = meta["state"]
+        for stamped in loader:
+            self._states[stamped.worker] = stamped.state
             self._consumed += 1
-            yield batch
+            yield stamped.batch
 
     def bad_counts(self) -> dict[str, int]:
         """This rank's counts (good and per reason) over the consumed batches' workers."""
@@ -500,7 +450,7 @@ def build_loader(
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
-    mode: Literal["images", "latents"] = "latents" if config.cache_shards else "images"
+    mode: ShardKind = "latents" if config.cache_shards else "images"
     if mode == "images" and not config.shards:
         raise ValueError("data.shards is empty: set it to a shard pattern, directory or list")
     stream = BucketedShardStream(

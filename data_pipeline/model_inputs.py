@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.batches import Batch, ImageBatch, LatentBatch
 from data_pipeline.cache_format import CacheInfo, apply_text_dropout, load_empty_prompt
+from data_pipeline.eval_samples import IndexedBatch
 from mmdit.conditioning import (
     VAE,
     ConditioningConfig,
@@ -56,20 +58,34 @@ class ModelInputs:
             self.empty_pooled = empty_pooled.to(device)
 
     def __call__(
-        self, batch: dict, noise_gen: torch.Generator, cpu_gen: torch.Generator
+        self, batch: Batch, noise_gen: torch.Generator, cpu_gen: torch.Generator
     ) -> tuple[Tensor, Tensor, Tensor]:
         """-> latents (B, 16, h, w) fp32, context (B, L, 4096), pooled (B, 2048)."""
-        if self.cache_info is None:
-            images = batch["images"].to(self.device, non_blocking=True)
-            latents = self.vae.encode_to_model(images, generator=noise_gen)
-            text = self.text.encode(batch["captions"], dropout=self.text_dropout, generator=cpu_gen)
-            return latents.float(), text.context, text.pooled
-        mean = batch["mean"].to(self.device, non_blocking=True).float()
-        logvar = batch["logvar"].to(self.device, non_blocking=True).float()
+        match batch:
+            case ImageBatch() if self.text is not None:
+                return self._from_images(batch, noise_gen, cpu_gen)
+            case LatentBatch() if self.cache_info is not None:
+                return self._from_cache(batch, noise_gen, cpu_gen)
+        source = "raw image shards" if self.cache_info is None else "cache shards"
+        raise TypeError(f"a {type(batch).__name__} for model inputs set up for {source}")
+
+    def _from_images(
+        self, batch: ImageBatch, noise_gen: torch.Generator, cpu_gen: torch.Generator
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        images = batch.images.to(self.device, non_blocking=True)
+        latents = self.vae.encode_to_model(images, generator=noise_gen)
+        text = self.text.encode(batch.captions, dropout=self.text_dropout, generator=cpu_gen)
+        return latents.float(), text.context, text.pooled
+
+    def _from_cache(
+        self, batch: LatentBatch, noise_gen: torch.Generator, cpu_gen: torch.Generator
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        mean = batch.mean.to(self.device, non_blocking=True).float()
+        logvar = batch.logvar.to(self.device, non_blocking=True).float()
         latents = self.vae.to_model(self.vae.sample(mean, logvar, noise_gen))
-        context = batch["context"].to(self.device, non_blocking=True)
-        pooled = batch["pooled"].to(self.device, non_blocking=True)
-        dropped = draw_dropout(len(batch["keys"]), self.text_dropout, cpu_gen)
+        context = batch.context.to(self.device, non_blocking=True)
+        pooled = batch.pooled.to(self.device, non_blocking=True)
+        dropped = draw_dropout(len(batch), self.text_dropout, cpu_gen)
         context, pooled = apply_text_dropout(
             context,
             pooled,
@@ -83,25 +99,25 @@ class ModelInputs:
 
 def held_out_inputs(
     vae: VAE, text_encoders: TextEncoders | None = None
-) -> Callable[[dict], HeldOutInputs]:
+) -> Callable[[IndexedBatch], HeldOutInputs]:
     """Deterministic model inputs for a held-out batch (data_pipeline.eval_samples.eval_batches):
-    the posterior mean as latents, the caption's embeddings with no dropout. Raw batches
-    ("images") need the text encoders; cached ones ("mean", "context", "pooled") carry their
-    embeddings."""
+    the posterior mean as latents, the caption's embeddings with no dropout. Image batches need
+    the text encoders; latent batches carry their embeddings."""
 
-    def to_inputs(batch: dict) -> HeldOutInputs:
-        indices = batch["indices"]
-        if "images" in batch:
-            if text_encoders is None:
-                raise ValueError("raw held-out shards need the text encoders (--components)")
-            latents = vae.encode_to_model(batch["images"], sample=False)
-            text = text_encoders.encode(batch["captions"])
-            return HeldOutInputs(
-                indices, latents.float(), text.context.float(), text.pooled.float()
-            )
-        mean = batch["mean"].to(vae.device).float()
-        return HeldOutInputs(
-            indices, vae.to_model(mean).float(), batch["context"].float(), batch["pooled"].float()
-        )
+    def to_inputs(held_out: IndexedBatch) -> HeldOutInputs:
+        indices, batch = held_out.indices, held_out.batch
+        match batch:
+            case ImageBatch():
+                if text_encoders is None:
+                    raise ValueError("raw held-out shards need the text encoders (--components)")
+                latents = vae.encode_to_model(batch.images, sample=False)
+                text = text_encoders.encode(batch.captions)
+                return HeldOutInputs(
+                    indices, latents.float(), text.context.float(), text.pooled.float()
+                )
+            case LatentBatch():
+                latents = vae.to_model(batch.mean.to(vae.device).float()).float()
+                return HeldOutInputs(indices, latents, batch.context.float(), batch.pooled.float())
+        raise TypeError(f"no model inputs for a {type(batch).__name__}")
 
     return to_inputs

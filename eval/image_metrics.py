@@ -64,14 +64,15 @@ def fid_prompts_and_reference(settings: EvalSettings) -> tuple[list[str], dict, 
     def items():
         return eval_batches(data, reference, mode="images", batch_size=32, limit=n)
 
-    prompts = [c for batch in items() for c in batch["captions"]]
+    prompts = [c for held_out in items() for c in held_out.batch.captions]
     urls = expand_shards(reference)
     stat = [(u, os.path.getsize(u), int(os.path.getmtime(u))) for u in urls if os.path.exists(u)]
     key = {"shards": stat, "size": size, "limit": n, "caption": data.caption}
 
     def images():
-        for batch in items():
-            yield torch.from_numpy(to_uint8(batch["images"])).permute(0, 3, 1, 2).contiguous()
+        for held_out in items():
+            images = to_uint8(held_out.batch.images)
+            yield torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
     return prompts, key, images
 

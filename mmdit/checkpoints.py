@@ -8,6 +8,7 @@ neither imports the other:
     RUN/checkpoints/step_00001000/
         ds/                          DeepSpeed ZeRO-3 shards (model, optimizer), one set per rank
         universal/                   made once when a run resumes on another world size
+                                     (built as .universal.tmp, mmdit.atomic_file.atomic_path)
         ema_rank_*_of_*.safetensors  the EMA, one slice per rank
         client_rank_00000.json       per-rank trainer state: step, data position, RNG, counters
         config.yaml                  the resolved run config (data, never a pickled object)
@@ -47,7 +48,7 @@ from mmdit.model import MMDiTConfig
 CHECKPOINTS = "checkpoints"  # RUN/checkpoints/
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
 LATEST = "latest"
-TMP_PREFIX = ".tmp_"  # a step directory (or universal/) being written
+TMP_PREFIX = ".tmp_"  # a step directory being written
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 CONFIG_FILE = "config.yaml"

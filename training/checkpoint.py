@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from mmdit import distributed
-from mmdit.atomic_file import stage_file, write_atomic
+from mmdit.atomic_file import atomic_path, stage_file, write_atomic
 from mmdit.checkpoints import (
     CONFIG_FILE,
     DS_TAG,
@@ -360,8 +360,6 @@ class CheckpointManager:
 
             from deepspeed.checkpoint import ds_to_universal
 
-            tmp = checkpoint.path / f"{TMP_PREFIX}{UNIVERSAL_TAG}"
-            shutil.rmtree(tmp, ignore_errors=True)
             log.warning(
                 "checkpoint %s was written by %d ranks, this run has %d: converting it to a "
                 "DeepSpeed universal checkpoint",
@@ -369,16 +367,18 @@ class CheckpointManager:
                 checkpoint.world_size,
                 self.world_size,
             )
-            args = argparse.Namespace(
-                input_folder=str(checkpoint.path / DS_TAG),
-                output_folder=str(tmp),
-                num_extract_workers=1,
-                num_merge_workers=1,
-                keep_temp_folder=False,
-                strict=True,
-                inject_missing_state=False,
-            )
-            ds_to_universal.main(args)
-            os.replace(tmp, target)
+            # atomic_path: ds_to_universal creates the folder it is given; a killed
+            # conversion's leftover (same temporary name) is reclaimed by the next one.
+            with atomic_path(target) as tmp:
+                args = argparse.Namespace(
+                    input_folder=str(checkpoint.path / DS_TAG),
+                    output_folder=str(tmp),
+                    num_extract_workers=1,
+                    num_merge_workers=1,
+                    keep_temp_folder=False,
+                    strict=True,
+                    inject_missing_state=False,
+                )
+                ds_to_universal.main(args)
         distributed.barrier()
         return UNIVERSAL_TAG

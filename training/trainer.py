@@ -40,6 +40,8 @@ import torch
 
 from data_pipeline import build_loader
 from data_pipeline.bad_samples import REASONS
+from data_pipeline.batches import Batch
+from data_pipeline.buckets import Bucket
 from data_pipeline.loader import reshard_state
 from data_pipeline.model_inputs import ModelInputs
 from mmdit import distributed, flow
@@ -347,7 +349,7 @@ class Trainer:
         self.window.reset()
         self.block_timer.read_and_reset()
 
-    def _next_batch(self, batches) -> dict:
+    def _next_batch(self, batches) -> Batch:
         t0 = time.perf_counter()
         batch = next(batches)
         self.window.data_wait += time.perf_counter() - t0
@@ -368,7 +370,7 @@ class Trainer:
         keys = []
         for micro in range(self.accumulation):
             batch = self._next_batch(batches)
-            keys.append(batch["keys"])
+            keys.append(batch.keys)
             seed = micro_batch_seed(t.seed, self.step, micro * self.world + self.rank)
             noise_gen = torch.Generator(self.device).manual_seed(seed)
             cpu_gen = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
@@ -378,7 +380,7 @@ class Trainer:
             self.engine.step()  # DeepSpeed updates only at the accumulation boundary
             self.window.add_losses(step_bins, loss, sigma)
             self.window.add_work(self.config.model, x0, context)
-            self._count_resolution(batch["bucket"])
+            self._count_resolution(batch.bucket)
         applied = not getattr(self.engine.optimizer, "overflow", False)
         self.window.end_step(step_bins, applied)
         if applied:
@@ -411,10 +413,10 @@ class Trainer:
             shift=flow.resolution_shift(t.shift, t.shift_base_resolution, h, w),
         )
 
-    def _count_resolution(self, bucket) -> None:
+    def _count_resolution(self, bucket: Bucket) -> None:
         stream = self.loader.stream
         if len(stream.resolutions) > 1:
-            family = stream.families.resolution_of(tuple(bucket))
+            family = stream.families.resolution_of(bucket)
             self.window.by_resolution[stream.resolutions.index(family)] += 1
 
     def _record_skip(self, keys: list[list[str]]) -> None:

@@ -81,11 +81,11 @@ def test_mixed_batches_have_their_familys_size_and_resume_exactly(shard_dir, num
     families = bucket_families(cfg)
     total, n_before = 24, 13
     reference = take(build_loader(cfg, 0, 1, batch_size=3), total)
-    sizes = {families.resolution_of(b["bucket"]): set() for b in reference}
+    sizes = {families.resolution_of(b.bucket): set() for b in reference}
     for b in reference:
-        h, w = b["bucket"]
-        assert b["images"].shape[-2:] == (h, w)
-        sizes[families.resolution_of((h, w))].add(len(b["keys"]))
+        h, w = b.bucket
+        assert b.images.shape[-2:] == (h, w)
+        sizes[families.resolution_of((h, w))].add(len(b.keys))
     # 3 at 48 px; 3 x (48/80)**2 = 1.08 -> 1 at 80 px.
     assert sizes == {48: {3}, 80: {1}}
 
@@ -96,8 +96,8 @@ def test_mixed_batches_have_their_familys_size_and_resume_exactly(shard_dir, num
     resumed = build_loader(cfg, 0, 1, batch_size=3)
     resumed.load_state_dict(state)
     for ref, got in zip(reference[n_before:], take(resumed, total - n_before), strict=True):
-        assert got["keys"] == ref["keys"] and got["bucket"] == ref["bucket"]
-        assert torch.equal(got["images"], ref["images"])
+        assert got.keys == ref.keys and got.bucket == ref.bucket
+        assert torch.equal(got.images, ref.images)
 
     # Another set of families is another stream: refused, naming the setting.
     other = build_loader(config(shard_dir, resolution=48), 0, 1, batch_size=3)
@@ -143,10 +143,7 @@ def test_a_multi_resolution_cache_batches_each_family_at_its_size(tmp_path):
         cache_shards=str(tmp_path), resolution=32, resolutions=(32, 48), num_workers=0,
         shuffle_buffer=1, max_bad_fraction=1.0,
     )  # fmt: skip
-    sizes = {
-        tuple(b["bucket"]): b["mean"].shape[0]
-        for b in take(build_loader(cfg, 0, 1, batch_size=4), 4)
-    }
+    sizes = {b.bucket: b.mean.shape[0] for b in take(build_loader(cfg, 0, 1, batch_size=4), 4)}
     assert sizes == {(32, 32): 4, (48, 48): 1}  # 4 x (32/48)**2 = 1.8 -> 1
     # A cache sample in a bucket of no family: one line naming the fix.
     _latent_cache(tmp_path, [(64, 64)])

@@ -116,22 +116,22 @@ def source_samples(source: Path) -> dict[str, tuple[str, int, dict]]:
 def test_batches_have_the_cached_tensors(batches):
     L = 77 + T5_LENGTH
     for batch in batches:
-        h, w = batch["bucket"]
-        assert batch["mean"].shape == batch["logvar"].shape == (2, 16, h // 8, w // 8)
-        assert batch["context"].shape == (2, L, 4096)
-        assert batch["pooled"].shape == (2, 2048)
+        h, w = batch.bucket
+        assert batch.mean.shape == batch.logvar.shape == (2, 16, h // 8, w // 8)
+        assert batch.context.shape == (2, L, 4096)
+        assert batch.pooled.shape == (2, 2048)
         for name in ("mean", "logvar", "context", "pooled"):
-            assert batch[name].dtype == torch.bfloat16, name
-        assert batch["crop_top_left"].shape == batch["original_size"].shape == (2, 2)
-        assert len(batch["keys"]) == len(batch["captions"]) == 2
+            assert getattr(batch, name).dtype == torch.bfloat16, name
+        assert batch.crop_top_left.shape == batch.original_size.shape == (2, 2)
+        assert len(batch.keys) == len(batch.captions) == 2
 
 
 def test_keys_are_exactly_the_good_samples(batches):
-    seen = [(e, k) for b in batches for e, k in zip(b["epochs"], b["keys"], strict=True)]
+    seen = [(e, k) for b in batches for e, k in zip(b.epochs, b.keys, strict=True)]
     assert {k for _, k in seen} == GOOD_KEYS
     first_epoch = [k for e, k in seen if e == 0]
     assert sorted(first_epoch) == sorted(GOOD_KEYS)  # each good sample once per epoch
-    assert len({tuple(b["bucket"]) for b in batches}) == 3  # landscape, square, portrait
+    assert len({b.bucket for b in batches}) == 3  # landscape, square, portrait
 
 
 def test_batches_equal_direct_encoding(batches, source, components):
@@ -141,7 +141,7 @@ def test_batches_equal_direct_encoding(batches, source, components):
     samples = source_samples(source)
     checked = set()
     for batch in batches:
-        for i, (epoch, key) in enumerate(zip(batch["epochs"], batch["keys"], strict=True)):
+        for i, (epoch, key) in enumerate(zip(batch.epochs, batch.keys, strict=True)):
             if epoch != 0:
                 continue
             shard, index, sample = samples[key]
@@ -150,16 +150,16 @@ def test_batches_equal_direct_encoding(batches, source, components):
                 image_bytes, buckets, "random", crop_rng(SEED, shard, index)
             )
             caption = sample["txt"].decode()
-            assert tuple(batch["bucket"]) == bucket
-            assert batch["captions"][i] == caption
-            assert batch["crop_top_left"][i].tolist() == list(top_left)
-            assert batch["original_size"][i].tolist() == list(original)
+            assert batch.bucket == bucket
+            assert batch.captions[i] == caption
+            assert batch.crop_top_left[i].tolist() == list(top_left)
+            assert batch.original_size[i].tolist() == list(original)
             mean, logvar = vae.encode(image_to_tensor(img)[None])
-            torch.testing.assert_close(batch["mean"][i].float(), mean[0], **BF16)
-            torch.testing.assert_close(batch["logvar"][i].float(), logvar[0], **BF16)
+            torch.testing.assert_close(batch.mean[i].float(), mean[0], **BF16)
+            torch.testing.assert_close(batch.logvar[i].float(), logvar[0], **BF16)
             emb = text.encode([caption])
-            torch.testing.assert_close(batch["context"][i].float(), emb.context[0], **BF16)
-            torch.testing.assert_close(batch["pooled"][i].float(), emb.pooled[0], **BF16)
+            torch.testing.assert_close(batch.context[i].float(), emb.context[0], **BF16)
+            torch.testing.assert_close(batch.pooled[i].float(), emb.pooled[0], **BF16)
             checked.add(key)
     assert checked == GOOD_KEYS
 
@@ -172,10 +172,10 @@ def test_dropout_from_the_cache_matches_the_encoders(batches, cache, components)
     dropped = torch.tensor([[True, False, True], [False, True, False]])
     batch = batches[0]
     context, pooled = apply_text_dropout(
-        batch["context"], batch["pooled"], dropped, empty_context, empty_pooled, layout
+        batch.context, batch.pooled, dropped, empty_context, empty_pooled, layout
     )
     assert context.dtype == pooled.dtype == torch.bfloat16
-    want = text.encode(batch["captions"], dropped=dropped)
+    want = text.encode(batch.captions, dropped=dropped)
     torch.testing.assert_close(context.float(), want.context, **BF16)
     torch.testing.assert_close(pooled.float(), want.pooled, **BF16)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_pipeline.batches import ImageBatch, LatentBatch
 from data_pipeline.cache_format import CacheInfo, CacheLayout, encode_tensors
 from data_pipeline.config import DataConfig
 from data_pipeline.loader import build_loader, reshard_state, slot_shards
@@ -62,8 +63,8 @@ def test_slots_partition_the_epoch_across_ranks_and_workers(shard_dir):
         loader = build_loader(config(shard_dir, num_workers=2), rank, 2, batch_size=1)
         # Each of this rank's 2 slots holds 2 shards = 10 samples; round-robin -> 20 batches.
         for batch in take(loader, 20):
-            assert batch["epochs"] == [0]
-            seen += batch["keys"]
+            assert batch.epochs == [0]
+            seen += batch.keys
     assert len(seen) == len(set(seen)) == SHARDS * PER_SHARD  # disjoint, union = the epoch
 
 
@@ -88,14 +89,15 @@ def test_batches_come_from_one_bucket_with_recorded_geometry(shard_dir, photos):
     sizes = {p.name: p.size for p in photos}
     by_caption = {p.caption: p.name for p in photos}
     for batch in take(build_loader(config(shard_dir), 0, 1, batch_size=2), 12):
-        h, w = batch["bucket"]
+        assert isinstance(batch, ImageBatch)
+        h, w = batch.bucket
         assert h % 16 == 0 and w % 16 == 0
-        assert batch["images"].shape == (2, 3, h, w)
-        assert batch["images"].min() >= -1 and batch["images"].max() <= 1
+        assert batch.images.shape == (2, 3, h, w)
+        assert batch.images.min() >= -1 and batch.images.max() <= 1
         for caption, (top, left), (oh, ow) in zip(
-            batch["captions"],
-            batch["crop_top_left"].tolist(),
-            batch["original_size"].tolist(),
+            batch.captions,
+            batch.crop_top_left.tolist(),
+            batch.original_size.tolist(),
             strict=True,
         ):
             assert (ow, oh) == sizes[by_caption[caption]]
@@ -108,18 +110,30 @@ def test_resume_continues_with_exactly_the_next_batches(shard_dir, num_workers):
     cfg = config(shard_dir, num_workers=num_workers)
     n_before, n_after = 17, 10  # 20 samples per slot per epoch: this crosses an epoch end
     reference = take(build_loader(cfg, 0, 1, batch_size=2), n_before + n_after)
-    assert {e for b in reference for e in b["epochs"]} == {0, 1}
+    assert {e for b in reference for e in b.epochs} == {0, 1}
 
     interrupted = build_loader(cfg, 0, 1, batch_size=2)
     take(interrupted, n_before)
     state = json.loads(json.dumps(interrupted.state_dict()))  # plain data, as in a checkpoint
+    assert state == interrupted.state_dict()  # already JSON's form (refs as lists), not tuples
 
     resumed = build_loader(cfg, 0, 1, batch_size=2)
     resumed.load_state_dict(state)
     for ref, got in zip(reference[n_before:], take(resumed, n_after), strict=True):
-        assert got["keys"] == ref["keys"] and got["epochs"] == ref["epochs"]
-        assert torch.equal(got["images"], ref["images"])
-        assert torch.equal(got["crop_top_left"], ref["crop_top_left"])
+        assert got.keys == ref.keys and got.epochs == ref.epochs
+        assert torch.equal(got.images, ref.images)
+        assert torch.equal(got.crop_top_left, ref.crop_top_left)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_pinned_batches_are_the_same_typed_batches_in_page_locked_memory(shard_dir):
+    cfg = config(shard_dir, num_workers=1)
+    reference = take(build_loader(cfg, 0, 1, batch_size=2), 3)
+    pinned = take(build_loader(cfg, 0, 1, batch_size=2, pin_memory=True), 3)
+    for ref, got in zip(reference, pinned, strict=True):
+        assert isinstance(got, ImageBatch) and got.keys == ref.keys
+        assert got.images.is_pinned() and got.crop_top_left.is_pinned()
+        assert torch.equal(got.images, ref.images)
 
 
 def test_iterating_again_continues_instead_of_restarting(shard_dir):
@@ -127,7 +141,7 @@ def test_iterating_again_continues_instead_of_restarting(shard_dir):
     reference = take(build_loader(cfg, 0, 1, batch_size=1), 6)
     loader = build_loader(cfg, 0, 1, batch_size=1)
     first, second = take(loader, 3), take(loader, 3)
-    assert [b["keys"] for b in first + second] == [b["keys"] for b in reference]
+    assert [b.keys for b in first + second] == [b.keys for b in reference]
 
 
 def test_resume_with_another_layout_is_refused(shard_dir):
@@ -156,7 +170,7 @@ def test_two_ranks_continue_exactly_as_one_rank_with_two_workers(shard_dir):
     got = take(merged, 8)
     expected = [continued[i % 2][i // 2] for i in range(8)]
     for g, e in zip(got, expected, strict=True):
-        assert g["keys"] == e["keys"] and torch.equal(g["images"], e["images"])
+        assert g.keys == e.keys and torch.equal(g.images, e.images)
 
 
 def test_one_rank_with_two_workers_continues_exactly_as_two_ranks(shard_dir):
@@ -171,7 +185,7 @@ def test_one_rank_with_two_workers_continues_exactly_as_two_ranks(shard_dir):
         lo.load_state_dict(reshard_state([state], r, 2, 1))
         split.append(take(lo, 3))
     expected = [split[i % 2][i // 2] for i in range(6)]
-    assert [b["keys"] for b in continued] == [b["keys"] for b in expected]
+    assert [b.keys for b in continued] == [b.keys for b in expected]
 
 
 def test_reshard_to_another_reader_count_is_refused(shard_dir):
@@ -203,9 +217,9 @@ def faulty_shards(root: Path, photos, marker: Path) -> Path:
 def until_epoch_1(loader) -> list[str]:
     keys = []
     for batch in loader:
-        if batch["epochs"] == [1]:
+        if batch.epochs == [1]:
             return keys
-        keys += batch["keys"]
+        keys += batch.keys
     raise AssertionError("unreachable: the stream is infinite")
 
 
@@ -229,7 +243,7 @@ def test_resume_inside_a_shard_does_not_count_its_bad_samples_twice(tmp_path, ph
 
     interrupted = build_loader(cfg, 0, 1, batch_size=1)
     for batch in interrupted:
-        if batch["keys"] == ["pkl"]:  # its .pyd member was just counted; shard not finished
+        if batch.keys == ["pkl"]:  # its .pyd member was just counted; shard not finished
             break
     resumed = build_loader(cfg, 0, 1, batch_size=1)
     resumed.load_state_dict(interrupted.state_dict())
@@ -292,10 +306,11 @@ def test_latents_mode_batches_cached_tensors_by_bucket(tmp_path):
     loader = build_loader(cfg, 0, 1, batch_size=2, expected_identity=identity)
     assert loader.cache_info.layout.clip_l_dim == 32
     for batch in take(loader, 4):
-        h, w = batch["bucket"]
-        assert batch["mean"].shape == (2, 16, h // 8, w // 8)
-        assert batch["context"].shape == (2, 81, 4096) and batch["pooled"].shape == (2, 2048)
-        assert batch["mean"].dtype == torch.bfloat16
+        assert isinstance(batch, LatentBatch)
+        h, w = batch.bucket
+        assert batch.mean.shape == (2, 16, h // 8, w // 8)
+        assert batch.context.shape == (2, 81, 4096) and batch.pooled.shape == (2, 2048)
+        assert batch.mean.dtype == torch.bfloat16
 
 
 def test_latents_mode_refuses_a_cache_from_other_encoders(tmp_path):
@@ -329,12 +344,12 @@ def test_a_shard_deleted_mid_run_is_retried_counted_and_the_rest_read(tmp_path, 
     gone = {f"{Path(order[-2]).stem[-2:]}{i:03d}" for i in range(PER_SHARD)}
     loader = build_loader(cfg, 0, 1, batch_size=1)
     batches = iter(loader)
-    keys = next(batches)["keys"]  # the worker is inside the first shard now
+    keys = next(batches).keys  # the worker is inside the first shard now
     Path(order[0]).unlink()
     Path(order[-2]).unlink()
     t0 = time.monotonic()
     for _ in range(len(expected) - len(gone) - 1):  # the rest of the epoch
-        keys += next(batches)["keys"]
+        keys += next(batches).keys
     waited = time.monotonic() - t0
     assert sorted(keys) == sorted(expected - gone)  # nothing skipped, nothing twice
     counts = loader.bad_counts()

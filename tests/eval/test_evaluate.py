@@ -15,8 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
+from data_pipeline.batches import collate
 from data_pipeline.config import DataConfig
-from data_pipeline.eval_samples import eval_items
+from data_pipeline.eval_samples import IndexedBatch, eval_items
 from eval.evaluate import main as eval_main
 from eval.sample import main as sample_main
 from mmdit import val_loss
@@ -139,17 +140,12 @@ def test_val_loss_of_a_zero_velocity_model_matches_a_hand_computation(
     vae = load_vae(ConditioningConfig(components=str(tiny_components), dtype="fp32"), "cpu")
     data = DataConfig(resolution=32)
     items = [e.item for e in eval_items(data, f"{digit_shards}/000000.tar", mode="images", limit=3)]
-    images = torch.stack([it["image"] for it in items])
-    batch = {
-        "images": images,
-        "captions": [it["caption"] for it in items],
-        "indices": [0, 1, 2],
-    }
+    batch = IndexedBatch([0, 1, 2], collate(items, [0, 0, 0]))
 
-    def to_inputs(b):
-        x0 = vae.encode_to_model(b["images"], sample=False)
+    def to_inputs(held_out):
+        x0 = vae.encode_to_model(held_out.batch.images, sample=False)
         return val_loss.HeldOutInputs(
-            b["indices"], x0, torch.zeros(3, 5, 4096), torch.zeros(3, 2048)
+            held_out.indices, x0, torch.zeros(3, 5, 4096), torch.zeros(3, 2048)
         )
 
     def zero_model(x, sigma, context, pooled):
@@ -172,11 +168,11 @@ def test_val_loss_of_a_zero_velocity_model_matches_a_hand_computation(
 def test_ordered_eval_pass_splits_over_ranks_without_overlap(digit_shards):
     data = DataConfig(resolution=32)
     spec = f"{digit_shards}/{{000000..000002}}.tar"
-    whole = [(e.index, e.item["key"]) for e in eval_items(data, spec, mode="images", limit=40)]
+    whole = [(e.index, e.item.key) for e in eval_items(data, spec, mode="images", limit=40)]
     assert [i for i, _ in whole] == list(range(40))
     for world in (2, 3):
         parts = [
-            [(e.index, e.item["key"]) for e in eval_items(
+            [(e.index, e.item.key) for e in eval_items(
                 data, spec, mode="images", rank=r, world_size=world, limit=40)]
             for r in range(world)
         ]  # fmt: skip

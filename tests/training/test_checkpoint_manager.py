@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -13,10 +14,12 @@ from pathlib import Path
 import pytest
 from torch import nn
 
+from mmdit.atomic_file import temp_name
 from mmdit.checkpoints import (
     LATEST,
     MANIFEST,
     TMP_PREFIX,
+    UNIVERSAL_TAG,
     client_file_name,
     crc32_file,
     ema_shard_name,
@@ -256,6 +259,21 @@ def test_remove_stale_temporaries(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == [keep.name]
     assert (keep / MANIFEST).is_file()
     manager(tmp_path / "fresh").remove_stale_temporaries()  # no checkpoints dir: no error
+
+
+def test_a_failed_universal_conversion_publishes_nothing_and_reclaims_a_stale_temporary(
+    tmp_path,
+):
+    """ds_to_universal (real DeepSpeed) fails on make_checkpoint's stand-in shards: neither
+    universal/ nor its temporary is left, and a killed conversion's leftover is gone too."""
+    path = make_checkpoint(tmp_path, 100, world=2)
+    stale = temp_name(path / UNIVERSAL_TAG)
+    (stale / "zero").mkdir(parents=True)
+    m = manager(tmp_path, rank=0, world=1)
+    (checkpoint,) = m.published()
+    with pytest.raises(pickle.UnpicklingError):
+        m.ensure_universal(checkpoint)
+    assert not (path / UNIVERSAL_TAG).exists() and not stale.exists()
 
 
 # -- saving (world 1, a stand-in engine) -----------------------------------------------------
