@@ -946,7 +946,7 @@ def prepare_cache(run: Run, work: Path) -> tuple[Path, Path]:
     """Tiny components, photo shards at the trainer's resolution and their cache, all made with
     the project's own tools. Returns (components, cache dir)."""
     from data_pipeline.precompute import main as precompute_main
-    from data_pipeline.shards import Item, write_shards
+    from data_pipeline.shard_writer import Item, write_shards
     from data_pipeline.testing.demo_set import photo_samples
     from mmdit.testing.components import make_tiny_components
 
