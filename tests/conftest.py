@@ -20,6 +20,14 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker (`make test`)
+        # The workers share the cores: one compute thread each, and in every process they
+        # start (torch, numpy and the trainer's ranks read it when they load), rather than
+        # each worker's OpenMP threads spinning against the other's.
+        os.environ["OMP_NUM_THREADS"] = "1"
+
+
 def _worker_group(item: pytest.Item) -> str:
     """The xdist group an item runs in: one worker runs a whole group, in order. A module is a
     group, so its module-scoped fixtures (one trained run serving many assertions) are built
