@@ -37,6 +37,19 @@ LADDER = REPO / "configs" / "scaling" / "ladder_demo.yaml"
 BIN = Path(sys.executable).parent
 
 
+# (command, seconds) in the order they ran: written to demo_summary.json, to see where the
+# demo's time goes.
+COMMAND_SECONDS: list[tuple[str, float]] = []
+
+
+def _name(cmd: list[str]) -> str:
+    """A short name for a command: the program, with the module or subcommand it runs."""
+    program = Path(cmd[0]).name
+    if program.startswith("python") and len(cmd) > 2:
+        return " ".join([program, *cmd[1:3]]) if cmd[1] == "-m" else f"{program} {cmd[1]}"
+    return f"{program} {cmd[1]}" if program == "mmdit-shards" else program
+
+
 def stage(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
@@ -50,7 +63,9 @@ def run(*cmd: str | Path, env: dict | None = None) -> None:
     done = subprocess.run(cmd, cwd=REPO, env={**full_env, **(env or {})})
     if done.returncode != 0:
         sys.exit(f"demo: this command failed with status {done.returncode}: {' '.join(cmd)}")
-    print(f"  ({time.monotonic() - start:.0f} s)", flush=True)
+    seconds = time.monotonic() - start
+    COMMAND_SECONDS.append((_name(cmd), round(seconds, 1)))
+    print(f"  ({seconds:.0f} s)", flush=True)
 
 
 def run_parallel(jobs: list[tuple[list, dict]], logs: Path) -> None:
@@ -70,7 +85,9 @@ def run_parallel(jobs: list[tuple[list, dict]], logs: Path) -> None:
     for cmd, log_path, proc in procs:
         if proc.wait() != 0:
             sys.exit(f"demo: failed (see {log_path}): {' '.join(cmd)}")
-    print(f"  ({time.monotonic() - start:.0f} s)", flush=True)
+    seconds = time.monotonic() - start
+    COMMAND_SECONDS.append((f"{len(jobs)} x {_name(jobs[0][0])} at once", round(seconds, 1)))
+    print(f"  ({seconds:.0f} s)", flush=True)
 
 
 def tool(name: str) -> Path:
@@ -284,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     export(out)
     summary = report(out)
     summary["seconds"] = round(time.monotonic() - start)
+    summary["command_seconds"] = COMMAND_SECONDS
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\ndemo finished in {summary['seconds'] // 60} min {summary['seconds'] % 60} s")
     return 0
