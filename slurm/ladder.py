@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eval.scaling import human_count
+from eval.scaling_plots import human_count
 from mmdit.flops import param_counts, train_flops_per_sample
 from mmdit.typed_config import ConfigError, from_dict, load, parse_yaml
 from training.config import RunConfig

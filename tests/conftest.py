@@ -28,29 +28,43 @@ def pytest_configure(config):
         os.environ["OMP_NUM_THREADS"] = "1"
 
 
-def _worker_group(item: pytest.Item) -> str:
-    """The xdist group an item runs in: one worker runs a whole group, in order. A module is a
-    group, so its module-scoped fixtures (one trained run serving many assertions) are built
-    once; every `slurm` test is one group, as they share the session's one Slurm cluster."""
-    return "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
+def _worker_group(nodeid: str) -> str:
+    """The group of tests one pytest-xdist worker runs, in order: a module, so its
+    module-scoped fixtures (one trained run serving many assertions) are built once; all of
+    tests/slurm/ together, as its tests share the session's one local Slurm cluster."""
+    module = nodeid.split("::")[0]
+    return "tests/slurm" if module.startswith("tests/slurm/") else module
 
 
-def _heavy_first(groups: list[str], items: list[pytest.Item]) -> dict[str, int]:
+def pytest_xdist_make_scheduler(config, log):
+    """Under `pytest -n N` (`make test`), hand out whole groups (_worker_group), in collection
+    order (pytest_collection_modifyitems puts the longest first)."""
+    if config.getvalue("dist") != "load":  # an explicit --dist is obeyed
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _worker_group(nodeid)
+
+    return GroupScheduling(config, log)
+
+
+def _heavy_first(items: list[pytest.Item]) -> list[pytest.Item]:
     """Longest work first, so no long group starts last and runs alone at the end: the Slurm
-    group, then modules with `slow` tests, then the rest (collection order within a rank)."""
-    slow = {_worker_group(i) for i in items if i.get_closest_marker("slow")}
-    return {g: 0 if g == "slurm" else 1 if g in slow else 2 for g in groups}
+    group, then modules with `slow` tests, then the rest (collection order within each)."""
+    slow = {_worker_group(i.nodeid) for i in items if i.get_closest_marker("slow")}
+
+    def rank(item: pytest.Item) -> int:
+        group = _worker_group(item.nodeid)
+        return 0 if group == "tests/slurm" else 1 if group in slow else 2
+
+    return sorted(items, key=rank)  # stable
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups from the markers
 def pytest_collection_modifyitems(config, items):
-    if hasattr(config, "workerinput"):  # a pytest-xdist worker (`make test`)
-        groups = [_worker_group(item) for item in items]
-        rank = _heavy_first(groups, items)
-        for item, group in zip(items, groups, strict=True):
-            item.add_marker(pytest.mark.xdist_group(group))
-        order = sorted(range(len(items)), key=lambda i: rank[groups[i]])  # stable
-        items[:] = [items[i] for i in order]
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the order groups start in
+        items[:] = _heavy_first(items)
     # Only `gpu` tests are ever skipped, and only when there is no CUDA device; slow,
     # distributed and slurm tests always run (CI included).
     if _cuda_available():
