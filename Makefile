@@ -7,8 +7,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
-# pytest-xdist workers for `make test` (tests/conftest.py groups what must share a worker).
-TEST_WORKERS ?= 2
+# pytest-xdist workers for `make test` (tests/conftest.py hands each worker whole modules, all
+# Slurm tests to one). 0 = one process: on 2 cores two workers were slower, as the DeepSpeed
+# and Slurm tests already keep both cores busy; on a larger machine use e.g. TEST_WORKERS=4.
+TEST_WORKERS ?= 0
 
 PIP := $(PY) -m pip
 
