@@ -97,11 +97,7 @@ def plot_loss_vs_compute(
         label="compute-optimal frontier",
     )
     xs = [p.train_flops for p in points]
-    label = f"fit: {fit.formula('C')}" if fit else ""
-    _draw_fit(ax, fit, min(xs), max(xs), label)
-    ax.legend(fontsize=7)
-    ax.set_title(f"{metric} vs training compute")
-    return _png(fig)
+    return _finished(fig, ax, fit, xs, "C", f"{metric} vs training compute")
 
 
 def plot_loss_vs_params(finals: Sequence[Point], fit: PowerLawFit | None, metric: str) -> bytes:
@@ -112,8 +108,14 @@ def plot_loss_vs_params(finals: Sequence[Point], fit: PowerLawFit | None, metric
         label = f"{p.model} ({human_count(p.params)} params, step {p.step})"
         ax.plot([p.params], [p.value], "o", ms=6, color=colours[p.model], label=label)
     xs = [p.params for p in finals]
-    label = f"fit: {fit.formula('N')}" if fit else ""
+    return _finished(fig, ax, fit, xs, "N", f"{metric} vs model size (final checkpoints)")
+
+
+def _finished(fig, ax, fit: PowerLawFit | None, xs: list, symbol: str, title: str) -> bytes:
+    """Both plots' ending: the fit over the range of xs (labelled with its formula in symbol),
+    the legend and the title; the PNG bytes."""
+    label = f"fit: {fit.formula(symbol)}" if fit else ""
     _draw_fit(ax, fit, min(xs), max(xs), label)
     ax.legend(fontsize=7)
-    ax.set_title(f"{metric} vs model size (final checkpoints)")
+    ax.set_title(title)
     return _png(fig)
